@@ -1,0 +1,102 @@
+"""Active units, mutual information and the collapse verdict on latents whose answer is known."""
+
+import math
+
+import pytest
+import torch
+
+from vaelab.diagnostics import active_units, collapse_verdict, evaluate, mutual_information
+from vaelab.losses import ElboLoss
+from vaelab.models.base import VAEOutput
+
+
+def test_active_units_counts_dimensions_whose_mean_varies():
+    torch.manual_seed(0)
+    mu = torch.zeros(500, 6)
+    mu[:, 0] = torch.randn(500)  # variance ≈ 1: active
+    mu[:, 1] = 0.3 * torch.randn(500)  # variance ≈ 0.09: active
+    mu[:, 2] = 0.05 * torch.randn(500)  # variance ≈ 0.0025: below 0.01, inactive
+    mu[:, 3] = 5.0  # constant: inactive
+    mu[:, 4] = torch.where(torch.arange(500) % 2 == 0, 1.0, -1.0)  # variance 1: active
+    assert active_units(mu) == 3
+
+
+def test_active_units_threshold_is_inclusive():
+    mu = torch.tensor([[0.1], [-0.1]])  # population variance exactly 0.01
+    assert active_units(mu, threshold=0.01) == 1
+    assert active_units(mu, threshold=0.0101) == 0
+
+
+def test_mi_of_a_collapsed_posterior_is_zero():
+    # Every x maps to the prior: q(z|x) = q(z), so I(x; z) = 0.
+    mu, logvar = torch.zeros(200, 4), torch.zeros(200, 4)
+    assert mutual_information(mu, logvar) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mi_of_two_separated_clusters_is_log_2():
+    # Half the data at -10, half at +10, tiny variance: z tells which half, nothing more.
+    mu = torch.cat([torch.full((100, 1), -10.0), torch.full((100, 1), 10.0)])
+    logvar = torch.full((200, 1), -2.0)
+    assert mutual_information(mu, logvar) == pytest.approx(math.log(2), abs=0.01)
+
+
+def test_mi_of_distinct_points_reaches_log_n():
+    n = 64
+    mu = torch.arange(n, dtype=torch.float32)[:, None] * 10
+    logvar = torch.full((n, 1), -4.0)
+    assert mutual_information(mu, logvar) == pytest.approx(math.log(n), abs=0.01)
+
+
+def test_mi_is_chunked_without_changing_the_answer():
+    torch.manual_seed(1)
+    mu, logvar = torch.randn(600, 3), torch.randn(600, 3) - 1
+    full = mutual_information(mu, logvar)
+    assert 0 < full <= math.log(600)
+    assert mutual_information(mu, logvar) == full  # its own generator: repeatable
+
+
+def test_verdict_flags_each_seed_000_criterion():
+    torch.manual_seed(0)
+    healthy = collapse_verdict(2.0, torch.randn(100, 4), torch.full((100, 4), -1.0))
+    assert healthy["verdict"] == "healthy"
+    low_kl = collapse_verdict(0.001, torch.randn(100, 4), torch.zeros(100, 4))
+    assert low_kl["verdict"] == "collapsed" and not low_kl["kl_above_0.01"]
+    constant_mu = collapse_verdict(2.0, torch.full((100, 4), 0.5), torch.zeros(100, 4))
+    assert constant_mu["verdict"] == "collapsed" and not constant_mu["mu_std_above_0.1"]
+    tiny_var = collapse_verdict(2.0, torch.randn(100, 4), torch.full((100, 4), -7.0))
+    assert tiny_var["verdict"] == "collapsed" and not tiny_var["logvar_mean_above_-5"]
+
+
+class LookupVAE(torch.nn.Module):
+    """A 'model' whose decoder either uses z (recon = z broadcast) or ignores it."""
+
+    def __init__(self, uses_z: bool):
+        super().__init__()
+        self.latent_dim = 1
+        self.uses_z = uses_z
+
+    def encode(self, x):
+        return x[:, :1], torch.zeros(len(x), 1)
+
+    def decode(self, z):
+        recon = z.expand(-1, 3) if self.uses_z else torch.zeros(len(z), 3)
+        return recon, {}
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        recon, branches = self.decode(mu)
+        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=mu, branches=branches)
+
+
+def test_recon_z0_separates_a_decoder_that_uses_z_from_one_that_ignores_it():
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    masks = torch.ones_like(x)
+    args = dict(loss_fn=ElboLoss(), beta=1.0, batch_size=16, device=torch.device("cpu"))
+    uses = evaluate(LookupVAE(uses_z=True), x, masks, **args)
+    ignores = evaluate(LookupVAE(uses_z=False), x, masks, **args)
+    assert uses.recon == pytest.approx(0.0, abs=1e-12)
+    assert uses.recon_z0 == pytest.approx(float((x**2).mean()))
+    assert ignores.recon == pytest.approx(ignores.recon_z0)  # collapse signature
+    metrics = uses.metrics("val")
+    assert metrics["val/active_units"] == 1
+    assert metrics["val/kl"] == pytest.approx(float(0.5 * (x[:, 0] ** 2).mean()))

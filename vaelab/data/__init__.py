@@ -1,0 +1,1 @@
+"""Data sets: generators and readers that all return a `SampleSet`."""

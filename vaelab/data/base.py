@@ -1,0 +1,39 @@
+"""The one in-memory form every data set takes before splitting and normalisation."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SampleSet:
+    """All samples of a data set, in memory, before splitting and normalisation.
+
+    values:   float32, (N, T, C) for sequences or (N, F) for feature vectors. Unobserved
+              entries may hold anything finite; masks say which entries are real.
+    masks:    float32 of the same shape as values (1 = observed), or None when all are.
+    ids:      str (N,), one name per sample.
+    groups:   str (N,), the patient (or subject) each sample belongs to: splits never put one
+              group in two splits. Equal to ids when each patient has one sample.
+    channel_names: names of the last axis (vitals for sequences, features for vectors).
+    labels:   (N,) class labels where the data has them, else None.
+    factors:  known generative factors of synthetic data, name -> (N,) float array.
+    source:   where the samples came from, for messages ("file.h5", "vitals_synthetic(seed=0)").
+    """
+
+    values: np.ndarray
+    masks: np.ndarray | None
+    ids: np.ndarray
+    groups: np.ndarray
+    channel_names: list[str]
+    labels: np.ndarray | None = None
+    factors: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (T, C) or (F,)."""
+        return tuple(self.values.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.values)

@@ -1,0 +1,177 @@
+"""Read a user's HDF5 file (the seed 001 layout) into a `SampleSet`, checking it on the way.
+
+Layout: `values` (N, T, C) or (N, F); optional `masks` (same shape, 1 = observed); optional
+`patient_index` or `ids` (N,), `vital_index` (C,) or (F,), `labels` (N,) and `groups` (N,).
+String datasets may hold bytes or str. Every problem stops with one `DataError` that names the
+file, the key and what was expected versus found.
+"""
+
+import logging
+import os
+
+import h5py
+import numpy as np
+
+from vaelab.data.base import SampleSet
+from vaelab.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ID_KEYS = ("patient_index", "ids")
+CHANNEL_KEY = "vital_index"
+
+
+def _as_str(array: np.ndarray) -> np.ndarray:
+    """Decode a dataset of bytes, str or numbers into a str array."""
+    if array.dtype.kind == "U":
+        return array
+    items = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in array.tolist()]
+    return np.array(items, dtype=str)
+
+
+def _read_1d(
+    path: str, file: h5py.File, key: str, length: int, what: str, strings: bool
+) -> np.ndarray | None:
+    """Read an optional (length,) dataset, or None when the key is absent."""
+    if key not in file:
+        return None
+    node = file[key]
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"{path}: key '{key}': expected a dataset of {what}, found a group")
+    array = node[()]
+    array = np.asarray(array)
+    if array.shape != (length,):
+        raise DataError(
+            f"{path}: key '{key}': expected {what}, shape ({length},), found shape {array.shape}"
+        )
+    if strings:
+        try:
+            return _as_str(array)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: key '{key}': expected UTF-8 text, found {err}") from err
+    if array.dtype.kind in "SO":
+        return _as_str(array)
+    return array
+
+
+def _first_index(bad: np.ndarray) -> tuple[int, ...]:
+    """Index of the first True entry, as plain ints for the message."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+
+
+def _read_array(path: str, file: h5py.File, key: str) -> np.ndarray:
+    """Read a numeric dataset as float32, naming the key if it is not numeric."""
+    node = file[key]
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"{path}: key '{key}': expected a numeric dataset, found a group")
+    if node.dtype.kind not in "biuf":
+        raise DataError(f"{path}: key '{key}': expected numbers, found dtype {node.dtype}")
+    return np.asarray(node[()], dtype=np.float32)
+
+
+def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> SampleSet:
+    """Load and check one HDF5 file of samples; see the module docstring for the layout."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected an HDF5 file with key '{values_key}')")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as err:
+        # h5py raises OSError for anything it cannot open: not HDF5, truncated, no permission.
+        raise DataError(
+            f"{path}: cannot open as HDF5 (expected an HDF5 file with key '{values_key}'): {err}"
+        ) from err
+    with file:
+        if values_key not in file:
+            raise DataError(
+                f"{path}: key '{values_key}' not found; the file has keys {sorted(file.keys())}"
+            )
+        values = _read_array(path, file, values_key)
+        if values.ndim not in (2, 3):
+            raise DataError(
+                f"{path}: key '{values_key}': expected 2 dims (N, F) or 3 dims (N, T, C), "
+                f"found {values.ndim} dims with shape {values.shape}"
+            )
+        if values.shape[0] == 0:
+            raise DataError(
+                f"{path}: key '{values_key}': expected at least one sample, found shape "
+                f"{values.shape}"
+            )
+        if 0 in values.shape:
+            raise DataError(
+                f"{path}: key '{values_key}': expected every dimension > 0, found shape "
+                f"{values.shape}"
+            )
+        n = values.shape[0]
+        n_channels = values.shape[-1]
+
+        masks = None
+        if masks_key in file:
+            masks = _read_array(path, file, masks_key)
+            if masks.shape != values.shape:
+                raise DataError(
+                    f"{path}: key '{masks_key}': expected the shape of '{values_key}' "
+                    f"{values.shape}, found {masks.shape}"
+                )
+            not_binary = (masks != 0) & (masks != 1)  # NaN counts as not binary too
+            if not_binary.any():
+                idx = _first_index(not_binary)
+                raise DataError(
+                    f"{path}: key '{masks_key}': expected only 0 and 1, found "
+                    f"{int(not_binary.sum())} other entries, first {masks[idx]} at index {idx}"
+                )
+
+        id_key = next((k for k in ID_KEYS if k in file), None)
+        ids = None
+        if id_key is not None:
+            ids = _read_1d(path, file, id_key, n, "one id per sample", strings=True)
+        channel_names = _read_1d(
+            path, file, CHANNEL_KEY, n_channels, "one name per channel (last axis)", strings=True
+        )
+        labels = _read_1d(path, file, "labels", n, "one label per sample", strings=False)
+        groups = _read_1d(path, file, "groups", n, "one group per sample", strings=True)
+
+    # Many files store missing entries as NaN: allowed where the mask says unobserved,
+    # an error where the entry claims to be a real measurement.
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = ~finite if masks is None else ~finite & (masks > 0)
+        if bad.any():
+            idx = _first_index(bad)
+            if masks is None:
+                where = f"(there is no '{masks_key}', so every entry counts as observed)"
+            else:
+                where = f"where '{masks_key}' is 1"
+            raise DataError(
+                f"{path}: key '{values_key}': expected finite values {where}, found "
+                f"{int(bad.sum())} NaN/inf entries, first {values[idx]} at index {idx}"
+            )
+        values[~finite] = 0.0
+
+    if ids is None:
+        ids = np.array([f"S{i:04d}" for i in range(n)])
+    if channel_names is None:
+        prefix = "ch" if values.ndim == 3 else "f"
+        channel_names = np.array([f"{prefix}{i}" for i in range(n_channels)])
+    if groups is None:
+        groups = ids.copy()
+    if labels is not None and labels.dtype.kind in "iub":
+        labels = labels.astype(np.int64)
+
+    logger.info(
+        "%s: %d samples of shape %s, %s, observed fraction %.3f",
+        path,
+        n,
+        values.shape[1:],
+        "with labels" if labels is not None else "no labels",
+        1.0 if masks is None else float(masks.mean()),
+    )
+    return SampleSet(
+        values=values,
+        masks=masks,
+        ids=ids,
+        groups=groups,
+        channel_names=[str(c) for c in channel_names],
+        labels=labels,
+        source=path,
+    )

@@ -1,0 +1,179 @@
+"""From a `SampleSet` to training tensors: patient-level split, train-only normalisation."""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vaelab.data.base import SampleSet
+from vaelab.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+STD_FLOOR = 1e-6
+
+
+def _group_count(fraction: float, n_groups: int) -> int:
+    """Groups for a split: fraction x n_groups rounded half up, at least 1 if fraction > 0."""
+    if fraction <= 0:
+        return 0
+    # Half up, not Python's round-half-to-even, so 2.5 and 3.5 groups both round up.
+    # At least one group, so a small data set never silently trains without validation.
+    return max(1, int(np.floor(fraction * n_groups + 0.5)))
+
+
+def split_by_group(
+    groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Assign each sample to "train", "val" or "test" so that no group is in two splits."""
+    groups = np.asarray(groups)
+    asked = f"val_fraction={val_fraction}, test_fraction={test_fraction}"
+    if groups.ndim != 1:
+        raise DataError(f"split: groups: expected shape (N,), found shape {groups.shape}")
+    # np.unique sorts, so the permutation below depends only on the set of groups and the seed,
+    # not on the order of the samples in the file.
+    unique, inverse = np.unique(groups, return_inverse=True)
+    n_groups = len(unique)
+    if not (0.0 <= val_fraction and 0.0 <= test_fraction and val_fraction + test_fraction < 1.0):
+        raise DataError(
+            f"split: {n_groups} groups: expected fractions >= 0 with val_fraction + "
+            f"test_fraction < 1 (train needs the rest), found {asked}"
+        )
+    n_val = _group_count(val_fraction, n_groups)
+    n_test = _group_count(test_fraction, n_groups)
+    if n_val + n_test >= n_groups:
+        raise DataError(
+            f"split: {n_groups} groups cannot fill train, val and test with {asked} "
+            f"({n_val} val + {n_test} test groups leave {n_groups - n_val - n_test} for train)"
+        )
+    order = np.random.default_rng(seed).permutation(n_groups)
+    group_split = np.full(n_groups, "train", dtype="<U5")
+    group_split[order[:n_val]] = "val"
+    group_split[order[n_val : n_val + n_test]] = "test"
+    return group_split[inverse.reshape(-1)]
+
+
+@dataclass
+class Normaliser:
+    """Per-channel z-score over the last axis, fitted on observed training entries only."""
+
+    mean: np.ndarray  # (C,) float64
+    std: np.ndarray  # (C,) float64, floored at STD_FLOOR
+
+    @classmethod
+    def fit(cls, values: np.ndarray, masks: np.ndarray | None = None) -> "Normaliser":
+        """Mean and population std of each channel over the entries where masks is 1."""
+        values = np.asarray(values, dtype=np.float64)
+        observed = np.ones(values.shape, dtype=bool) if masks is None else np.asarray(masks) > 0
+        axes = tuple(range(values.ndim - 1))
+        count = observed.sum(axis=axes)
+        if (count == 0).any():
+            empty = [int(i) for i in np.flatnonzero(count == 0)]
+            raise DataError(
+                f"normaliser: expected observed entries in every channel of the training split, "
+                f"found none in channel(s) {empty}"
+            )
+        # np.where, not values * masks: unobserved entries may hold NaN or huge numbers.
+        v = np.where(observed, values, 0.0)
+        mean = v.sum(axis=axes) / count
+        var = (np.where(observed, values - mean, 0.0) ** 2).sum(axis=axes) / count
+        # A constant channel would divide by zero; the floor maps it to 0 instead.
+        return cls(mean=mean, std=np.maximum(np.sqrt(var), STD_FLOOR))
+
+    def _check(self, values: np.ndarray | torch.Tensor) -> None:
+        """Stop when the data's last axis does not match the fitted channels."""
+        if values.shape[-1] != len(self.mean):
+            raise DataError(
+                f"normaliser: expected {len(self.mean)} channels on the last axis, "
+                f"found shape {tuple(values.shape)}"
+            )
+
+    def transform(self, values: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+        """Z-score values; unobserved entries become 0.0, the channel mean."""
+        self._check(values)
+        out = (np.asarray(values, dtype=np.float64) - self.mean) / self.std
+        if masks is not None:
+            out = np.where(np.asarray(masks) > 0, out, 0.0)
+        return out.astype(np.float32)
+
+    def inverse_transform(self, values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Back to the original units; a tensor in gives a tensor out (for reconstructions)."""
+        self._check(values)
+        if isinstance(values, torch.Tensor):
+            mean = torch.as_tensor(self.mean, dtype=values.dtype, device=values.device)
+            std = torch.as_tensor(self.std, dtype=values.dtype, device=values.device)
+            return values * std + mean
+        return (np.asarray(values, dtype=np.float64) * self.std + self.mean).astype(np.float32)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, so a checkpoint loads with torch.load(weights_only=True)."""
+        return {
+            "mean": torch.from_numpy(self.mean.copy()),
+            "std": torch.from_numpy(self.std.copy()),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Normaliser":
+        """Rebuild from `state_dict()`."""
+        return cls(
+            mean=state["mean"].detach().cpu().numpy().astype(np.float64),
+            std=state["std"].detach().cpu().numpy().astype(np.float64),
+        )
+
+
+@dataclass
+class PreparedData:
+    """A data set ready for training: split names, fitted normaliser and normalised tensors."""
+
+    sampleset: SampleSet
+    split: np.ndarray  # (N,) "train" / "val" / "test"
+    normaliser: Normaliser
+    values: torch.Tensor  # (N, ...) float32, normalised, 0.0 where unobserved
+    masks: torch.Tensor  # (N, ...) float32, all ones when the set had no masks
+
+    def indices(self, split_name: str) -> torch.Tensor:
+        """Sample indices (long) of one split; empty when that split was not asked for."""
+        if split_name not in SPLITS:
+            raise ValueError(f"split_name: expected one of {SPLITS}, found {split_name!r}")
+        return torch.from_numpy(np.flatnonzero(self.split == split_name)).long()
+
+
+def prepare(
+    sampleset: SampleSet, val_fraction: float, test_fraction: float, seed: int
+) -> PreparedData:
+    """Split by group, fit the normaliser on train, normalise every sample into tensors."""
+    n = len(sampleset)
+    if len(sampleset.groups) != n:
+        raise DataError(
+            f"{sampleset.source}: groups: expected {n} entries (one per sample), "
+            f"found {len(sampleset.groups)}"
+        )
+    try:
+        split = split_by_group(sampleset.groups, val_fraction, test_fraction, seed)
+        train = split == "train"
+        masks = sampleset.masks
+        if masks is None:
+            masks = np.ones(sampleset.values.shape, dtype=np.float32)
+        normaliser = Normaliser.fit(sampleset.values[train], masks[train])
+    except DataError as err:
+        # The split and the normaliser do not know where the data came from; the user does.
+        raise DataError(f"{sampleset.source}: {err}") from err
+    values = torch.from_numpy(normaliser.transform(sampleset.values, masks))
+    masks_t = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))
+    counts = {name: int((split == name).sum()) for name in SPLITS}
+    groups = np.asarray(sampleset.groups)
+    group_counts = {name: len(np.unique(groups[split == name])) for name in SPLITS}
+    logger.info(
+        "prepare %s: train/val/test = %d/%d/%d samples (%d/%d/%d groups), sample shape %s, "
+        "observed fraction %.3f",
+        sampleset.source,
+        *counts.values(),
+        *group_counts.values(),
+        sampleset.sample_shape,
+        float(masks_t.mean()),
+    )
+    return PreparedData(
+        sampleset=sampleset, split=split, normaliser=normaliser, values=values, masks=masks_t
+    )

@@ -1,0 +1,168 @@
+"""Collapse diagnostics on a data split (seed 004 section 2, seed 000 success criteria).
+
+A collapsed VAE shows itself in several ways at once: raw KL near zero, few active units,
+near-constant posterior means, and a decoder that reconstructs as well from z = 0 as from
+the code. `evaluate` measures all of them in one pass over a split.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vaelab.losses import ElboLoss, gaussian_kl_per_dim
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016 (IWAE paper), section 5.2
+# Seed 000 "Success Criteria": thresholds a healthy latent space must clear.
+HEALTHY_KL_NATS = 0.01
+HEALTHY_MU_STD = 0.1
+HEALTHY_LOGVAR_MEAN = -5.0
+
+
+def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Dimensions whose posterior mean varies over the data: Var_x(E_q[z_d | x]) ≥ threshold.
+
+    Burda et al. 2016: a unit the encoder leaves at the same mean for every input carries
+    no information, whatever its KL.
+    """
+    if len(mu) < 2:
+        return 0
+    return int((mu.var(dim=0, unbiased=False) >= threshold).sum())
+
+
+def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0) -> float:
+    """He et al. 2019 (Lagging inference networks, eq. 4) estimate of I(x; z) in nats.
+
+    I = E_x[ E_q(z|x) log q(z|x) - log q(z) ], with the aggregate posterior q(z)
+    approximated by the mixture of the N posteriors in the split, one z sample per x. It is
+    bounded by log N, reached when the posteriors do not overlap. He et al. take the first
+    term in closed form (minus the entropy); here both terms are evaluated at the same sample,
+    which has the same expectation but lets their noise cancel: a collapsed posterior scores
+    exactly 0 rather than 0 plus sampling noise. The sample comes from a generator of its own
+    so that evaluating never moves the training random stream.
+    """
+    n, dim = mu.shape
+    if n < 2:
+        return 0.0
+    mu, logvar = mu.double(), logvar.double()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+    z = mu + eps * torch.exp(0.5 * logvar)
+    log_normaliser = -0.5 * (dim * math.log(2 * math.pi) + logvar.sum(dim=-1))  # (N,)
+    log_q_z_given_x = log_normaliser - 0.5 * eps.pow(2).sum(dim=-1)
+    inverse_var = torch.exp(-logvar)
+    log_q_z = []
+    for start in range(0, n, 256):  # chunk the N x N x D density so memory stays bounded
+        dev = z[start : start + 256, None, :] - mu[None, :, :]
+        log_density = log_normaliser[None] - 0.5 * (dev.pow(2) * inverse_var[None]).sum(dim=-1)
+        log_q_z.append(torch.logsumexp(log_density, dim=1) - math.log(n))
+    return float((log_q_z_given_x - torch.cat(log_q_z)).mean())
+
+
+def collapse_verdict(kl_raw: float, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, object]:
+    """Seed 000's three checks: KL > 0.01 nats, std of mu > 0.1, mean logvar > -5."""
+    mu_std = float(mu.std()) if mu.numel() > 1 else 0.0
+    logvar_mean = float(logvar.mean())
+    checks = {
+        "kl_above_0.01": kl_raw > HEALTHY_KL_NATS,
+        "mu_std_above_0.1": mu_std > HEALTHY_MU_STD,
+        "logvar_mean_above_-5": logvar_mean > HEALTHY_LOGVAR_MEAN,
+    }
+    return {
+        "verdict": "healthy" if all(checks.values()) else "collapsed",
+        "kl_raw": kl_raw,
+        "mu_std": mu_std,
+        "logvar_mean": logvar_mean,
+        **checks,
+    }
+
+
+@dataclass
+class Evaluation:
+    """Loss terms and collapse diagnostics of one split, plus its posterior means."""
+
+    loss: float
+    recon: float
+    kl_raw: float
+    kl_constrained: float
+    branch_recon: dict[str, float]
+    recon_z0: float
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+    @property
+    def kl_per_dim(self) -> torch.Tensor:
+        """Mean KL of each latent dimension over the split, nats."""
+        return gaussian_kl_per_dim(self.mu, self.logvar).mean(dim=0)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """The per-epoch MLflow metrics under `prefix/` (seed 004 diagnostic names)."""
+        metrics = {
+            f"{prefix}/loss": self.loss,
+            f"{prefix}/recon": self.recon,
+            f"{prefix}/kl": self.kl_raw,
+            f"{prefix}/kl_constrained": self.kl_constrained,
+            f"{prefix}/active_units": float(active_units(self.mu)),
+            f"{prefix}/mi": mutual_information(self.mu, self.logvar),
+            f"{prefix}/mu_var_mean": float(self.mu.var(dim=0, unbiased=False).mean()),
+            f"{prefix}/logvar_mean": float(self.logvar.mean()),
+            f"{prefix}/recon_z0": self.recon_z0,
+        }
+        metrics.update({f"{prefix}/recon_{name}": v for name, v in self.branch_recon.items()})
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    values: torch.Tensor,
+    masks: torch.Tensor,
+    loss_fn: ElboLoss,
+    beta: float,
+    batch_size: int,
+    device: torch.device,
+) -> Evaluation:
+    """Run the model in eval mode (z = mu) over `values` and measure loss and collapse."""
+    model.eval()
+    # With z = 0 every sample gets the same reconstruction (eval mode: BatchNorm uses its
+    # running statistics), so one decode serves the whole split (seed 004: recon_z0_mse).
+    recon_z0, _ = model.decode(torch.zeros(1, model.latent_dim, device=device))
+    per_sample = {"loss": 0.0, "kl_raw": 0.0, "kl_constrained": 0.0}
+    # Squared errors are summed over observed entries across batches, so `recon` and
+    # `recon_z0` are the same masked MSE over the whole split and compare exactly.
+    squared_error = {"recon": 0.0, "z0": 0.0}
+    observed = 0.0
+    mus, logvars = [], []
+    for start in range(0, len(values), batch_size):
+        x = values[start : start + batch_size].to(device, non_blocking=True)
+        m = masks[start : start + batch_size].to(device, non_blocking=True)
+        out = model(x)
+        terms = loss_fn(out, x, m, beta)
+        per_sample["loss"] += float(terms.total) * len(x)
+        per_sample["kl_raw"] += float(terms.kl_raw) * len(x)
+        per_sample["kl_constrained"] += float(terms.kl_constrained) * len(x)
+        reconstructions = {"recon": out.recon, "z0": recon_z0, **out.branches}
+        for name, recon in reconstructions.items():
+            error = float(((recon - x) ** 2 * m).sum())
+            squared_error[name] = squared_error.get(name, 0.0) + error
+        observed += float(m.sum())
+        mus.append(out.mu.cpu())
+        logvars.append(out.logvar.cpu())
+    n, observed = len(values), max(observed, 1.0)
+    mse = {name: total / observed for name, total in squared_error.items()}
+    return Evaluation(
+        loss=per_sample["loss"] / n,
+        recon=mse.pop("recon"),
+        kl_raw=per_sample["kl_raw"] / n,
+        kl_constrained=per_sample["kl_constrained"] / n,
+        recon_z0=mse.pop("z0"),
+        branch_recon=mse,
+        mu=torch.cat(mus),
+        logvar=torch.cat(logvars),
+    )
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU float32 numpy copy, for h5 files and plots."""
+    return tensor.detach().cpu().float().numpy()

@@ -1,0 +1,35 @@
+"""What every vaelab model returns, and the reparameterisation they share."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class VAEOutput:
+    """One forward pass: the reconstruction, the posterior and the sampled code.
+
+    `branches` maps a decoder branch name to that branch's own reconstruction, with the same
+    shape as `recon`; it is empty for single-branch models.
+    """
+
+    recon: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+    branches: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps (Kingma & Welling 2014, section 2.4)."""
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+
+def floor_logvar(logvar: torch.Tensor, minimum: float | None) -> torch.Tensor:
+    """Clamp the posterior log-variance from below (seed 004: posterior_logvar_min = -6).
+
+    Without a floor a posterior can shrink its variance without bound, which makes the KL
+    term and the reparameterised z numerically brittle. It lives in the model, not in the
+    loss, because z is drawn from the floored variance.
+    """
+    return logvar if minimum is None else logvar.clamp(min=minimum)

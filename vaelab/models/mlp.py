@@ -1,0 +1,79 @@
+"""Dense VAE for flat feature vectors such as k-mer profiles (seed 002)."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vaelab.errors import DataError
+from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+
+
+def _dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
+    """Linear -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout, the seed 002 layer."""
+    # The Linear keeps its bias although BatchNorm follows: seed 002's Keras Dense layers have
+    # one, and the seed's parameter counts (tested in tests/test_models.py) include it.
+    return nn.Sequential(
+        nn.Linear(in_features, out_features),
+        nn.BatchNorm1d(out_features),
+        nn.LeakyReLU(0.2),
+        nn.Dropout(dropout),
+    )
+
+
+class MLPVAE(nn.Module):
+    """Dense VAE with a symmetric decoder; (T, C) inputs are flattened to T*C features."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        latent_dim: int = 32,
+        hidden_dims: Sequence[int] = (512, 256),
+        dropout: float = 0.0,
+        posterior_logvar_min: float | None = -6.0,
+    ) -> None:
+        super().__init__()
+        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
+        self.input_shape = tuple(int(s) for s in input_shape)
+        if not self.input_shape or min(self.input_shape) < 1:
+            raise DataError(f"MLPVAE: input_shape must be non-empty, positive: {self.input_shape}")
+        self.latent_dim = int(latent_dim)
+        self.posterior_logvar_min = posterior_logvar_min
+        hidden = [int(h) for h in hidden_dims]
+        n_features = math.prod(self.input_shape)
+
+        widths = [n_features, *hidden]
+        self.encoder = nn.Sequential(
+            *(_dense_block(a, b, dropout) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        )
+        self.fc_mu = nn.Linear(widths[-1], self.latent_dim)
+        self.fc_logvar = nn.Linear(widths[-1], self.latent_dim)
+
+        # Symmetric decoder (seed 002): the hidden widths reversed, then a linear output layer,
+        # because the targets (CLR-transformed k-mers, standardised vitals) are unbounded.
+        widths = [self.latent_dim, *reversed(hidden)]
+        self.decoder = nn.Sequential(
+            *(_dense_block(a, b, dropout) for a, b in zip(widths[:-1], widths[1:], strict=True)),
+            nn.Linear(widths[-1], n_features),
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise DataError(
+                f"MLPVAE: expected input of shape (B, {self.input_shape}), got {tuple(x.shape)}"
+            )
+        h = self.encoder(x.flatten(1))
+        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the reconstruction (B, *input_shape) and no branch outputs."""
+        return self.decoder(z).view(z.shape[0], *self.input_shape), {}
+
+    def forward(self, x: torch.Tensor) -> VAEOutput:
+        """Encode, sample z in training mode (z = mu in eval mode), decode."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar) if self.training else mu
+        recon, branches = self.decode(z)
+        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)

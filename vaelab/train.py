@@ -1,0 +1,243 @@
+"""Train one VAE from the Hydra config and return its validation active units.
+
+    python -m vaelab.train experiment=quick
+    python -m vaelab.train model=mlp loss.free_bits=0.5 schedule=linear trainer.epochs=30
+
+Reads top to bottom: seed, build from config, train, evaluate, checkpoint, log, return.
+"""
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import mlflow
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import execution_whitelist, instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from vaelab.checkpoint import save_checkpoint
+from vaelab.data.prepare import prepare
+from vaelab.diagnostics import collapse_verdict, evaluate
+from vaelab.errors import DivergenceError, VaelabError
+from vaelab.outputs import encode_all, write_branch_components, write_latents
+from vaelab.settings import TRUSTED_TARGETS, cosine_lr, resolve_device, seed_everything
+from vaelab.tracking import flatten_config, log_verdict
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "val/active_units"  # what the task function returns for a sweep to maximise
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    """Train, evaluate and record one run; return the final validation active-unit count."""
+    with execution_whitelist(list(TRUSTED_TARGETS)):
+        tracker = build(cfg.tracking)
+        with tracker.start_run(run_name=cfg.get("run_name")):
+            try:
+                return _train(cfg, run_dir)
+            except DivergenceError:
+                # The run is marked FAILED; its last good checkpoint is kept with it.
+                if (run_dir / "checkpoints").is_dir():
+                    mlflow.log_artifacts(str(run_dir / "checkpoints"), artifact_path="checkpoints")
+                raise
+
+
+def build(node: DictConfig, **runtime_kwargs: object) -> object:
+    """instantiate(), letting a vaelab error raised by the target through as itself.
+
+    Hydra wraps every error of a target in an InstantiationException; for bad input the
+    user should see the target's own one-line message.
+    """
+    try:
+        return instantiate(node, **runtime_kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, VaelabError):
+            raise err.__cause__ from None
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> float:
+    mlflow.log_params(flatten_config(cfg))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    # --- seed, device -------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    trainer = build(cfg.trainer)
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    device = resolve_device(trainer.device)
+
+    # --- data: generate or read, split by patient, normalise on train only ----------------
+    log.info("Instantiating dataset <%s>", cfg.dataset._target_)
+    data = prepare(build(cfg.dataset), cfg.split.val_fraction, cfg.split.test_fraction, cfg.seed)
+    values, masks = data.values.to(device), data.masks.to(device)
+    train_index, val_index = data.indices("train").to(device), data.indices("val").to(device)
+    input_shape = data.sampleset.sample_shape
+
+    # --- model, loss, β schedule, optimiser ---------------------------------------------
+    log.info("Instantiating model <%s> for input %s", cfg.model._target_, input_shape)
+    model = build(cfg.model, input_shape=input_shape).to(device)
+    loss_fn = build(cfg.loss)
+    schedule = build(cfg.schedule)
+    optimizer = trainer.optimizer(model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    mlflow.log_params({"model.n_parameters": n_params, "data.input_shape": str(input_shape)})
+    log.info("%d parameters on %s", n_params, device)
+
+    # --- train ----------------------------------------------------------------------------
+    # A last batch of one sample would break BatchNorm; it joins the next epoch's shuffle.
+    steps_per_epoch = max(len(train_index) // trainer.batch_size, 1)
+    checkpoint_dir = run_dir / "checkpoints"
+    best_val_loss, best_epoch, epochs_without_improvement = math.inf, -1, 0
+    target_beta = (
+        schedule.beta
+    )  # the β every schedule rises to and holds, for a comparable val loss
+    for epoch in range(trainer.epochs):
+        model.train()
+        started = time.perf_counter()
+        order = train_index[torch.randperm(len(train_index), device=device)]
+        train_loss_sum = 0.0
+        steps = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
+        for step in steps:
+            progress = epoch + step / steps_per_epoch
+            beta = schedule(progress)
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(progress / trainer.epochs, trainer.lr, trainer.min_lr_ratio)
+            batch = order[step * trainer.batch_size : (step + 1) * trainer.batch_size]
+            x, m = values[batch], masks[batch]
+            terms = loss_fn(model(x), x, m, beta)
+            if not torch.isfinite(terms.total):
+                raise DivergenceError(
+                    f"training loss became {terms.total.item()} at epoch {epoch}, step {step} "
+                    f"(recon={terms.recon.item():.4g}, kl={terms.kl_raw.item():.4g}, β={beta:.4g}, "
+                    f"lr={optimizer.param_groups[0]['lr']:.3g}); the last good checkpoint is in "
+                    f"{checkpoint_dir}. Lower trainer.lr or set trainer.grad_clip."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if trainer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+            optimizer.step()
+            train_loss_sum += terms.total.item()
+            steps.set_postfix(loss=f"{terms.total.item():.4f}", beta=f"{beta:.3f}")
+        train_seconds = time.perf_counter() - started
+
+        # --- evaluate: loss terms and collapse diagnostics on the validation split -------
+        beta = schedule(epoch + 1)
+        val = evaluate(
+            model, values[val_index], masks[val_index], loss_fn, beta, trainer.batch_size, device
+        )
+        if not math.isfinite(val.loss):
+            raise DivergenceError(f"validation loss became {val.loss} after epoch {epoch}")
+        # val/loss moves with β; early stopping compares epochs at the one final β instead.
+        val_loss_at_target = val.loss + (target_beta - beta) * val.kl_constrained
+        epoch_seconds = time.perf_counter() - started
+        metrics = {
+            "train/loss": train_loss_sum / steps_per_epoch,
+            **val.metrics("val"),
+            "val/loss_at_target_beta": val_loss_at_target,
+            "schedule/beta": beta,
+            "schedule/lr": optimizer.param_groups[0]["lr"],
+            "perf/epoch_seconds": epoch_seconds,
+            "perf/samples_per_second": steps_per_epoch * trainer.batch_size / train_seconds,
+        }
+        mlflow.log_metrics(metrics, step=epoch)  # one batched call per epoch
+        log.info(
+            "epoch %d  train %.4f  val %.4f  recon %.4f  kl %.3f  AU %d  MI %.3f  β %.3f  %.1fs",
+            epoch,
+            metrics["train/loss"],
+            val.loss,
+            val.recon,
+            val.kl_raw,
+            metrics["val/active_units"],
+            metrics["val/mi"],
+            beta,
+            epoch_seconds,
+        )
+
+        # --- checkpoint: the best epoch by val loss at the target β, and the last good one --
+        checkpoint = dict(
+            optimizer=optimizer,
+            epoch=epoch,
+            normaliser=data.normaliser,
+            config=config,
+            input_shape=input_shape,
+            val_loss=val_loss_at_target,
+        )
+        save_checkpoint(checkpoint_dir / "last.pt", model, **checkpoint)
+        if val_loss_at_target < best_val_loss:
+            best_val_loss, best_epoch, epochs_without_improvement = val_loss_at_target, epoch, 0
+            save_checkpoint(checkpoint_dir / "model.pt", model, **checkpoint)
+        else:
+            epochs_without_improvement += 1
+            if trainer.patience is not None and epochs_without_improvement >= trainer.patience:
+                log.info(
+                    "Early stop at epoch %d: no better validation loss for %d epochs",
+                    epoch,
+                    trainer.patience,
+                )
+                break
+
+    # --- final evaluation of the best checkpoint, artifacts, verdict ---------------------
+    best = torch.load(checkpoint_dir / "model.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    final_beta = schedule(best_epoch + 1)
+    val = evaluate(
+        model, values[val_index], masks[val_index], loss_fn, final_beta, trainer.batch_size, device
+    )
+    final_metrics = {k.replace("val/", "final/", 1): v for k, v in val.metrics("val").items()}
+    final_metrics["final/best_epoch"] = best_epoch
+    mlflow.log_metrics(final_metrics)
+    verdict = collapse_verdict(val.kl_raw, val.mu, val.logvar)
+    log_verdict(verdict, val.kl_per_dim.tolist())
+
+    mu, logvar = encode_all(model, values, trainer.batch_size, device)
+    write_latents(run_dir / "latents.h5", mu, logvar, data)
+    mlflow.log_artifact(str(run_dir / "latents.h5"))
+    if val.branch_recon:
+        write_branch_components(run_dir / "multiscale_components.h5", model, data, device)
+        mlflow.log_artifact(str(run_dir / "multiscale_components.h5"))
+    mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoints")
+    mlflow.log_artifact(str(run_dir / "config.yaml"))
+
+    objective = final_metrics["final/active_units"]
+    log.info(
+        "Best epoch %d: %s = %d of %d, KL %.3f nats, verdict %s",
+        best_epoch,
+        OBJECTIVE,
+        objective,
+        model.latent_dim,
+        val.kl_raw,
+        verdict["verdict"],
+    )
+    return objective
+
+
+@hydra.main(config_path="../conf", config_name="train", execution_whitelist=list(TRUSTED_TARGETS))
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point: one run, or one trial of a sweep."""
+    hydra_cfg = HydraConfig.get()
+    try:
+        return train(cfg, Path(hydra_cfg.runtime.output_dir))
+    except VaelabError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the failed trial and goes on
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
