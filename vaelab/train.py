@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data.prepare import prepare
 from vaelab.diagnostics import collapse_verdict, evaluate
-from vaelab.errors import DivergenceError, VaelabError
+from vaelab.errors import ConfigError, DivergenceError, VaelabError
 from vaelab.outputs import encode_all, write_branch_components, write_latents
 from vaelab.settings import TRUSTED_TARGETS, cosine_lr, resolve_device, seed_everything
 from vaelab.tracking import flatten_config, log_verdict
@@ -39,7 +39,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train, evaluate and record one run; return the final validation active-unit count."""
     with execution_whitelist(list(TRUSTED_TARGETS)):
         tracker = build(cfg.tracking)
-        with tracker.start_run(run_name=cfg.get("run_name")):
+        with tracker.start_run(run_name=cfg.get("run_name"), tags={"run_dir": str(run_dir)}):
             try:
                 return _train(cfg, run_dir)
             except DivergenceError:
@@ -50,20 +50,25 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def build(node: DictConfig, **runtime_kwargs: object) -> object:
-    """instantiate(), letting a vaelab error raised by the target through as itself.
+    """instantiate(), turning what goes wrong into one message naming the config key.
 
-    Hydra wraps every error of a target in an InstantiationException; for bad input the
-    user should see the target's own one-line message.
+    Hydra wraps an error raised by a target in an InstantiationException (or re-raises a
+    TypeError for a misspelt argument, with the key in a note). A vaelab error of the target
+    comes through as itself; anything else becomes a ConfigError carrying Hydra's text, which
+    names the key. The full traceback stays in the log at DEBUG level.
     """
     try:
         return instantiate(node, **runtime_kwargs)
-    except InstantiationException as err:
+    except (InstantiationException, TypeError) as err:
         if isinstance(err.__cause__, VaelabError):
             raise err.__cause__ from None
-        raise
+        log.debug("instantiate failed", exc_info=True)
+        notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
+        raise ConfigError(f"{err}{notes}") from err
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float:
+    run_dir.mkdir(parents=True, exist_ok=True)
     mlflow.log_params(flatten_config(cfg))
     config = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
