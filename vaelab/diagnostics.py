@@ -6,9 +6,8 @@ the code. `evaluate` measures all of them in one pass over a split.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from vaelab.losses import ElboLoss, gaussian_kl_per_dim
@@ -86,10 +85,14 @@ class Evaluation:
     recon: float
     kl_raw: float
     kl_constrained: float
-    branch_recon: dict[str, float]
     recon_z0: float
     mu: torch.Tensor
     logvar: torch.Tensor
+    # masked MSE of each decoder branch (seed 000), and of each feature group (seed 002 k-mers)
+    branch_recon: dict[str, float] = field(default_factory=dict)
+    group_recon: dict[str, float] = field(default_factory=dict)
+    # a loss's own further terms (LossTerms.extras), per-sample means over the split
+    extras: dict[str, float] = field(default_factory=dict)
 
     @property
     def kl_per_dim(self) -> torch.Tensor:
@@ -109,7 +112,9 @@ class Evaluation:
             f"{prefix}/logvar_mean": float(self.logvar.mean()),
             f"{prefix}/recon_z0": self.recon_z0,
         }
-        metrics.update({f"{prefix}/recon_{name}": v for name, v in self.branch_recon.items()})
+        parts = {**self.branch_recon, **self.group_recon}
+        metrics.update({f"{prefix}/recon_{name}": v for name, v in parts.items()})
+        metrics.update({f"{prefix}/{name}": v for name, v in self.extras.items()})
         return metrics
 
 
@@ -122,47 +127,60 @@ def evaluate(
     beta: float,
     batch_size: int,
     device: torch.device,
+    epoch: float = 0.0,
+    feature_groups: dict[str, tuple[int, int]] | None = None,
 ) -> Evaluation:
-    """Run the model in eval mode (z = mu) over `values` and measure loss and collapse."""
+    """Run the model in eval mode (z = mu) over `values` and measure loss and collapse.
+
+    `feature_groups` names ranges [start, stop) of the last axis whose reconstruction error
+    is reported on its own, like seed 002's MSE per k-mer size.
+    """
     model.eval()
     # With z = 0 every sample gets the same reconstruction (eval mode: BatchNorm uses its
     # running statistics), so one decode serves the whole split (seed 004: recon_z0_mse).
     recon_z0, _ = model.decode(torch.zeros(1, model.latent_dim, device=device))
-    per_sample = {"loss": 0.0, "kl_raw": 0.0, "kl_constrained": 0.0}
-    # Squared errors are summed over observed entries across batches, so `recon` and
-    # `recon_z0` are the same masked MSE over the whole split and compare exactly.
-    squared_error = {"recon": 0.0, "z0": 0.0}
-    observed = 0.0
+    per_sample: dict[str, float] = {}
+    # Squared errors and observed counts are summed over the split, so every reconstruction
+    # figure (recon, recon_z0, branches, feature groups) is one masked MSE over the whole split.
+    squared_error: dict[str, float] = {}
+    observed: dict[str, float] = {}
     mus, logvars = [], []
     for start in range(0, len(values), batch_size):
         x = values[start : start + batch_size].to(device, non_blocking=True)
         m = masks[start : start + batch_size].to(device, non_blocking=True)
         out = model(x)
-        terms = loss_fn(out, x, m, beta)
-        per_sample["loss"] += float(terms.total) * len(x)
-        per_sample["kl_raw"] += float(terms.kl_raw) * len(x)
-        per_sample["kl_constrained"] += float(terms.kl_constrained) * len(x)
-        reconstructions = {"recon": out.recon, "z0": recon_z0, **out.branches}
-        for name, recon in reconstructions.items():
-            error = float(((recon - x) ** 2 * m).sum())
-            squared_error[name] = squared_error.get(name, 0.0) + error
-        observed += float(m.sum())
+        terms = loss_fn(out, x, m, beta, epoch)
+        batch_terms = {
+            "loss": terms.total,
+            "kl_raw": terms.kl_raw,
+            "kl_constrained": terms.kl_constrained,
+            **terms.extras,
+        }
+        for name, value in batch_terms.items():
+            per_sample[name] = per_sample.get(name, 0.0) + float(value) * len(x)
+        errors = {"recon": (out.recon - x) ** 2 * m, "z0": (recon_z0 - x) ** 2 * m}
+        errors.update({f"branch/{name}": (b - x) ** 2 * m for name, b in out.branches.items()})
+        counts = dict.fromkeys(errors, m)
+        for name, (lo, hi) in (feature_groups or {}).items():
+            errors[f"group/{name}"] = errors["recon"][..., lo:hi]
+            counts[f"group/{name}"] = m[..., lo:hi]
+        for name, error in errors.items():
+            squared_error[name] = squared_error.get(name, 0.0) + float(error.sum())
+            observed[name] = observed.get(name, 0.0) + float(counts[name].sum())
         mus.append(out.mu.cpu())
         logvars.append(out.logvar.cpu())
-    n, observed = len(values), max(observed, 1.0)
-    mse = {name: total / observed for name, total in squared_error.items()}
+    n = len(values)
+    mse = {name: total / max(observed[name], 1.0) for name, total in squared_error.items()}
+    mean = {name: total / n for name, total in per_sample.items()}
     return Evaluation(
-        loss=per_sample["loss"] / n,
+        loss=mean.pop("loss"),
         recon=mse.pop("recon"),
-        kl_raw=per_sample["kl_raw"] / n,
-        kl_constrained=per_sample["kl_constrained"] / n,
+        kl_raw=mean.pop("kl_raw"),
+        kl_constrained=mean.pop("kl_constrained"),
         recon_z0=mse.pop("z0"),
-        branch_recon=mse,
         mu=torch.cat(mus),
         logvar=torch.cat(logvars),
+        branch_recon={k[7:]: v for k, v in mse.items() if k.startswith("branch/")},
+        group_recon={k[6:]: v for k, v in mse.items() if k.startswith("group/")},
+        extras=mean,
     )
-
-
-def as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU float32 numpy copy, for h5 files and plots."""
-    return tensor.detach().cpu().float().numpy()

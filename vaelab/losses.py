@@ -26,6 +26,8 @@ class LossTerms:
     kl_raw:         KL(q(z|x) || N(0, I)) in nats per sample, summed over latent dimensions.
     kl_constrained: the KL term after the free-bits floor, in the same units; what β multiplies.
     branch_recon:   masked MSE of each decoder branch's own reconstruction (multi-scale models).
+    extras:         further named terms of a particular loss (a penalty, its weight), logged
+                    as `train/<name>` and `val/<name>`; per-sample means like the rest.
     """
 
     total: torch.Tensor
@@ -33,6 +35,7 @@ class LossTerms:
     kl_raw: torch.Tensor
     kl_constrained: torch.Tensor
     branch_recon: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def masked_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,9 +106,18 @@ class ElboLoss:
         self.branch_weight = branch_weight
 
     def __call__(
-        self, output: VAEOutput, target: torch.Tensor, mask: torch.Tensor, beta: float
+        self,
+        output: VAEOutput,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        beta: float,
+        epoch: float = 0.0,
     ) -> LossTerms:
-        """Evaluate the loss of one batch at the KL weight β given by the schedule."""
+        """Evaluate the loss of one batch at the KL weight β the schedule gives.
+
+        `epoch` (fractional: epoch + step / steps per epoch) is there for losses whose own
+        weights follow training progress; the plain ELBO does not use it.
+        """
         recon = masked_mse(output.recon, target, mask)
         branch_recon = {
             name: masked_mse(branch, target, mask) for name, branch in output.branches.items()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data.prepare import prepare
-from vaelab.diagnostics import collapse_verdict, evaluate
+from vaelab.diagnostics import Evaluation, collapse_verdict, evaluate
 from vaelab.errors import ConfigError, DivergenceError, VaelabError
 from vaelab.outputs import encode_all, write_branch_components, write_latents
 from vaelab.settings import TRUSTED_TARGETS, cosine_lr, resolve_device, seed_everything
@@ -84,7 +84,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     log.info("Instantiating dataset <%s>", cfg.dataset._target_)
     data = prepare(build(cfg.dataset), cfg.split.val_fraction, cfg.split.test_fraction, cfg.seed)
     values, masks = data.values.to(device), data.masks.to(device)
-    train_index, val_index = data.indices("train").to(device), data.indices("val").to(device)
+    train_index = data.indices("train").to(device)
     input_shape = data.sampleset.sample_shape
 
     # --- model, loss, β schedule, optimiser ---------------------------------------------
@@ -97,19 +97,23 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     mlflow.log_params({"model.n_parameters": n_params, "data.input_shape": str(input_shape)})
     log.info("%d parameters on %s", n_params, device)
 
+    def evaluate_split(beta: float, epoch: float, split: str = "val") -> Evaluation:
+        index = data.indices(split).to(device)
+        return evaluate(model, values[index], masks[index], loss_fn, beta, trainer.batch_size,
+                        device, epoch, data.sampleset.feature_groups)  # fmt: skip
+
     # --- train ----------------------------------------------------------------------------
     # A last batch of one sample would break BatchNorm; it joins the next epoch's shuffle.
     steps_per_epoch = max(len(train_index) // trainer.batch_size, 1)
     checkpoint_dir = run_dir / "checkpoints"
     best_val_loss, best_epoch, epochs_without_improvement = math.inf, -1, 0
-    target_beta = (
-        schedule.beta
-    )  # the β every schedule rises to and holds, for a comparable val loss
+    # Every schedule rises to and holds schedule.beta: val losses at that β compare across epochs.
+    target_beta = schedule.beta
     for epoch in range(trainer.epochs):
         model.train()
         started = time.perf_counter()
         order = train_index[torch.randperm(len(train_index), device=device)]
-        train_loss_sum = 0.0
+        train_sums: dict[str, float] = {}
         steps = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch}",
@@ -123,7 +127,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
                 group["lr"] = cosine_lr(progress / trainer.epochs, trainer.lr, trainer.min_lr_ratio)
             batch = order[step * trainer.batch_size : (step + 1) * trainer.batch_size]
             x, m = values[batch], masks[batch]
-            terms = loss_fn(model(x), x, m, beta)
+            terms = loss_fn(model(x), x, m, beta, progress)
             if not torch.isfinite(terms.total):
                 raise DivergenceError(
                     f"training loss became {terms.total.item()} at epoch {epoch}, step {step} "
@@ -136,22 +140,21 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
             if trainer.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
             optimizer.step()
-            train_loss_sum += terms.total.item()
+            for name, value in {"loss": terms.total, **terms.extras}.items():
+                train_sums[name] = train_sums.get(name, 0.0) + float(value)
             steps.set_postfix(loss=f"{terms.total.item():.4f}", beta=f"{beta:.3f}")
         train_seconds = time.perf_counter() - started
 
         # --- evaluate: loss terms and collapse diagnostics on the validation split -------
         beta = schedule(epoch + 1)
-        val = evaluate(
-            model, values[val_index], masks[val_index], loss_fn, beta, trainer.batch_size, device
-        )
+        val = evaluate_split(beta, epoch + 1)
         if not math.isfinite(val.loss):
             raise DivergenceError(f"validation loss became {val.loss} after epoch {epoch}")
         # val/loss moves with β; early stopping compares epochs at the one final β instead.
         val_loss_at_target = val.loss + (target_beta - beta) * val.kl_constrained
         epoch_seconds = time.perf_counter() - started
         metrics = {
-            "train/loss": train_loss_sum / steps_per_epoch,
+            **{f"train/{name}": total / steps_per_epoch for name, total in train_sums.items()},
             **val.metrics("val"),
             "val/loss_at_target_beta": val_loss_at_target,
             "schedule/beta": beta,
@@ -199,10 +202,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     # --- final evaluation of the best checkpoint, artifacts, verdict ---------------------
     best = torch.load(checkpoint_dir / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
-    final_beta = schedule(best_epoch + 1)
-    val = evaluate(
-        model, values[val_index], masks[val_index], loss_fn, final_beta, trainer.batch_size, device
-    )
+    val = evaluate_split(schedule(best_epoch + 1), best_epoch + 1)
     final_metrics = {k.replace("val/", "final/", 1): v for k, v in val.metrics("val").items()}
     final_metrics["final/best_epoch"] = best_epoch
     mlflow.log_metrics(final_metrics)

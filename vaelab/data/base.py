@@ -19,6 +19,8 @@ class SampleSet:
     labels:   (N,) class labels where the data has them, else None.
     factors:  known generative factors of synthetic data, name -> (N,) float array.
     source:   where the samples came from, for messages ("file.h5", "vitals_synthetic(seed=0)").
+    feature_groups: named ranges [start, stop) of the last axis whose reconstruction error is
+              reported on its own (seed 002: one per k-mer size).
     """
 
     values: np.ndarray
@@ -29,6 +31,7 @@ class SampleSet:
     labels: np.ndarray | None = None
     factors: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
+    feature_groups: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -10,7 +10,8 @@ class VAEOutput:
     """One forward pass: the reconstruction, the posterior and the sampled code.
 
     `branches` maps a decoder branch name to that branch's own reconstruction, with the same
-    shape as `recon`; it is empty for single-branch models.
+    shape as `recon`; it is empty for single-branch models. `extras` carries what a model
+    needs its loss or diagnostics to see besides these (a VQ-VAE's codebook terms, say).
     """
 
     recon: torch.Tensor
@@ -18,6 +19,7 @@ class VAEOutput:
     logvar: torch.Tensor
     z: torch.Tensor
     branches: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
