@@ -32,11 +32,9 @@ from vaelab.tracking import flatten_config, log_verdict
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val/active_units"  # what the task function returns for a sweep to maximise
-
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train, evaluate and record one run; return the final validation active-unit count."""
+    """Train, evaluate and record one run; return `cfg.objective` at the best epoch."""
     with execution_whitelist(list(TRUSTED_TARGETS)):
         tracker = build(cfg.tracking)
         with tracker.start_run(run_name=cfg.get("run_name"), tags={"run_dir": str(run_dir)}):
@@ -113,7 +111,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
         model.train()
         started = time.perf_counter()
         order = train_index[torch.randperm(len(train_index), device=device)]
-        train_sums: dict[str, float] = {}
+        train_sums: dict[str, torch.Tensor] = {}  # summed on the device: no sync per step
         steps = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch}",
@@ -141,8 +139,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
             optimizer.step()
             for name, value in {"loss": terms.total, **terms.extras}.items():
-                train_sums[name] = train_sums.get(name, 0.0) + float(value)
-            steps.set_postfix(loss=f"{terms.total.item():.4f}", beta=f"{beta:.3f}")
+                train_sums[name] = train_sums.get(name, 0.0) + value.detach()
+            if not steps.disable:
+                steps.set_postfix(loss=f"{terms.total.item():.4f}", beta=f"{beta:.3f}")
         train_seconds = time.perf_counter() - started
 
         # --- evaluate: loss terms and collapse diagnostics on the validation split -------
@@ -154,7 +153,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
         val_loss_at_target = val.loss + (target_beta - beta) * val.kl_constrained
         epoch_seconds = time.perf_counter() - started
         metrics = {
-            **{f"train/{name}": total / steps_per_epoch for name, total in train_sums.items()},
+            **{f"train/{name}": total.item() / steps_per_epoch for name, total in train_sums.items()},
             **val.metrics("val"),
             "val/loss_at_target_beta": val_loss_at_target,
             "schedule/beta": beta,
@@ -163,6 +162,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
             "perf/samples_per_second": steps_per_epoch * trainer.batch_size / train_seconds,
         }
         mlflow.log_metrics(metrics, step=epoch)  # one batched call per epoch
+        if cfg.objective not in metrics or not cfg.objective.startswith("val/"):
+            raise ConfigError(
+                f"objective={cfg.objective} is not a validation metric of this run; choose one "
+                f"of {', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
+            )
         log.info(
             "epoch %d  train %.4f  val %.4f  recon %.4f  kl %.3f  AU %d  MI %.3f  β %.3f  %.1fs",
             epoch,
@@ -218,11 +222,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoints")
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
-    objective = final_metrics["final/active_units"]
+    objective = final_metrics[cfg.objective.replace("val/", "final/", 1)]
     log.info(
-        "Best epoch %d: %s = %d of %d, KL %.3f nats, verdict %s",
+        "Best epoch %d: %s = %.4g (latent dim %d), KL %.3f nats, verdict %s",
         best_epoch,
-        OBJECTIVE,
+        cfg.objective,
         objective,
         model.latent_dim,
         val.kl_raw,
