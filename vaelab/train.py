@@ -153,7 +153,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
         val_loss_at_target = val.loss + (target_beta - beta) * val.kl_constrained
         epoch_seconds = time.perf_counter() - started
         metrics = {
-            **{f"train/{name}": total.item() / steps_per_epoch for name, total in train_sums.items()},
+            **{f"train/{name}": sum_.item() / steps_per_epoch for name, sum_ in train_sums.items()},
             **val.metrics("val"),
             "val/loss_at_target_beta": val_loss_at_target,
             "schedule/beta": beta,
