@@ -57,70 +57,129 @@ def split_by_group(
 
 @dataclass
 class Normaliser:
-    """Per-channel z-score over the last axis, fitted on observed training entries only."""
+    """Per-channel z-score, fitted on observed training entries only.
 
-    mean: np.ndarray  # (C,) float64
-    std: np.ndarray  # (C,) float64, floored at STD_FLOOR
+    The channels lie on `channel_axis` of a batch (N, ...): the last axis of (N, T, C) and
+    (N, F), axis 1 of channel-first volumes (N, C, D, H, W). Volumes keep this global
+    normaliser, although their loader has already z-scored each subject and channel (seed 004),
+    rather than a flag that skips it: on such data it fits a near-identity, and in exchange
+    every data set gets the same path through training, checkpoints and `inverse_transform`,
+    and a channel-first file that was not normalised beforehand is still handled.
+    """
+
+    mean: np.ndarray  # (C,) float64; 0 for channels fitted as unnormalised
+    std: np.ndarray  # (C,) float64, floored at STD_FLOOR; 1 for channels fitted as unnormalised
+    channel_axis: int = -1  # axis of a batch (N, ...) holding the channels
 
     @classmethod
-    def fit(cls, values: np.ndarray, masks: np.ndarray | None = None) -> "Normaliser":
-        """Mean and population std of each channel over the entries where masks is 1."""
+    def fit(
+        cls,
+        values: np.ndarray,
+        masks: np.ndarray | None = None,
+        channel_axis: int = -1,
+        unnormalised: tuple[int, ...] = (),
+    ) -> "Normaliser":
+        """Mean and population std of each channel over the entries where masks is 1.
+
+        `unnormalised` lists channel indices left as they are (mean 0, std 1): channels that
+        already sit on a fixed scale, such as sin/cos time of day (seed 003).
+        """
         values = np.asarray(values, dtype=np.float64)
+        axis = _channel_axis(channel_axis, values.shape)
+        if axis == 0 and values.ndim > 1:
+            raise DataError(
+                f"normaliser: channel_axis {channel_axis}: expected an axis after the sample "
+                f"axis, found shape {values.shape}"
+            )
         observed = np.ones(values.shape, dtype=bool) if masks is None else np.asarray(masks) > 0
+        # Channels to the last axis: the statistics below then reduce over all other axes.
+        values = np.moveaxis(values, axis, -1)
+        observed = np.moveaxis(observed, axis, -1)
+        n_channels = values.shape[-1]
+        keep = sorted({int(i) for i in unnormalised})
+        if any(not 0 <= i < n_channels for i in keep):
+            raise DataError(
+                f"normaliser: unnormalised channels: expected indices in [0, {n_channels}), "
+                f"found {keep}"
+            )
         axes = tuple(range(values.ndim - 1))
         count = observed.sum(axis=axes)
-        if (count == 0).any():
-            empty = [int(i) for i in np.flatnonzero(count == 0)]
+        empty = [i for i in np.flatnonzero(count == 0).tolist() if i not in keep]
+        if empty:
             raise DataError(
                 f"normaliser: expected observed entries in every channel of the training split, "
                 f"found none in channel(s) {empty}"
             )
+        count = np.maximum(count, 1)  # only unnormalised channels can be empty here
         # np.where, not values * masks: unobserved entries may hold NaN or huge numbers.
         v = np.where(observed, values, 0.0)
         mean = v.sum(axis=axes) / count
         var = (np.where(observed, values - mean, 0.0) ** 2).sum(axis=axes) / count
         # A constant channel would divide by zero; the floor maps it to 0 instead.
-        return cls(mean=mean, std=np.maximum(np.sqrt(var), STD_FLOOR))
+        std = np.maximum(np.sqrt(var), STD_FLOOR)
+        mean[keep] = 0.0
+        std[keep] = 1.0
+        return cls(mean=mean, std=std, channel_axis=int(channel_axis))
 
-    def _check(self, values: np.ndarray | torch.Tensor) -> None:
-        """Stop when the data's last axis does not match the fitted channels."""
-        if values.shape[-1] != len(self.mean):
+    def _broadcast_shape(self, values: np.ndarray | torch.Tensor) -> tuple[int, ...]:
+        """Shape that lines mean/std up with the channel axis; stops on a mismatch."""
+        axis = _channel_axis(self.channel_axis, tuple(values.shape))
+        if values.shape[axis] != len(self.mean):
+            where = "the last axis" if self.channel_axis == -1 else f"axis {self.channel_axis}"
             raise DataError(
-                f"normaliser: expected {len(self.mean)} channels on the last axis, "
+                f"normaliser: expected {len(self.mean)} channels on {where}, "
                 f"found shape {tuple(values.shape)}"
             )
+        shape = [1] * values.ndim
+        shape[axis] = len(self.mean)
+        return tuple(shape)
 
     def transform(self, values: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
         """Z-score values; unobserved entries become 0.0, the channel mean."""
-        self._check(values)
-        out = (np.asarray(values, dtype=np.float64) - self.mean) / self.std
+        shape = self._broadcast_shape(values)
+        mean, std = self.mean.reshape(shape), self.std.reshape(shape)
+        out = (np.asarray(values, dtype=np.float64) - mean) / std
         if masks is not None:
             out = np.where(np.asarray(masks) > 0, out, 0.0)
         return out.astype(np.float32)
 
     def inverse_transform(self, values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Back to the original units; a tensor in gives a tensor out (for reconstructions)."""
-        self._check(values)
+        shape = self._broadcast_shape(values)
         if isinstance(values, torch.Tensor):
             mean = torch.as_tensor(self.mean, dtype=values.dtype, device=values.device)
             std = torch.as_tensor(self.std, dtype=values.dtype, device=values.device)
-            return values * std + mean
-        return (np.asarray(values, dtype=np.float64) * self.std + self.mean).astype(np.float32)
+            return values * std.reshape(shape) + mean.reshape(shape)
+        out = np.asarray(values, dtype=np.float64) * self.std.reshape(shape)
+        return (out + self.mean.reshape(shape)).astype(np.float32)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, so a checkpoint loads with torch.load(weights_only=True)."""
         return {
             "mean": torch.from_numpy(self.mean.copy()),
             "std": torch.from_numpy(self.std.copy()),
+            "channel_axis": torch.tensor(self.channel_axis, dtype=torch.int64),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Normaliser":
-        """Rebuild from `state_dict()`."""
+        """Rebuild from `state_dict()`; states saved before `channel_axis` existed mean -1."""
+        axis = state.get("channel_axis")
         return cls(
             mean=state["mean"].detach().cpu().numpy().astype(np.float64),
             std=state["std"].detach().cpu().numpy().astype(np.float64),
+            channel_axis=-1 if axis is None else int(axis),
         )
+
+
+def _channel_axis(channel_axis: int, shape: tuple[int, ...]) -> int:
+    """The non-negative channel axis of an array of this shape; stops if it has no such axis."""
+    ndim = len(shape)
+    if not -ndim <= channel_axis < ndim:
+        raise DataError(
+            f"normaliser: expected a channel axis {channel_axis} in the data, found shape {shape}"
+        )
+    return channel_axis % ndim
 
 
 @dataclass
@@ -156,7 +215,16 @@ def prepare(
         masks = sampleset.masks
         if masks is None:
             masks = np.ones(sampleset.values.shape, dtype=np.float32)
-        normaliser = Normaliser.fit(sampleset.values[train], masks[train])
+        unknown = [c for c in sampleset.unnormalised_channels if c not in sampleset.channel_names]
+        if unknown:
+            raise DataError(
+                f"unnormalised_channels: expected names from channel_names "
+                f"{list(sampleset.channel_names)}, found {unknown}"
+            )
+        keep = tuple(sampleset.channel_names.index(c) for c in sampleset.unnormalised_channels)
+        normaliser = Normaliser.fit(
+            sampleset.values[train], masks[train], sampleset.channel_axis, unnormalised=keep
+        )
     except DataError as err:
         # The split and the normaliser do not know where the data came from; the user does.
         raise DataError(f"{sampleset.source}: {err}") from err
