@@ -1,0 +1,90 @@
+"""LSTM-VAE for (T, C) sequences: the seed 000 model that collapsed, kept as the baseline."""
+
+import torch
+from torch import nn
+
+from vaelab.errors import ConfigError, DataError
+from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+
+
+class LSTMVAE(nn.Module):
+    """Stacked-LSTM encoder and non-autoregressive LSTM decoder conditioned on z alone."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        latent_dim: int = 32,
+        hidden_dim: int = 128,
+        n_layers: int = 2,
+        dropout: float = 0.0,
+        posterior_logvar_min: float | None = -6.0,
+    ) -> None:
+        super().__init__()
+        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
+        self.input_shape = tuple(int(s) for s in input_shape)
+        if len(self.input_shape) != 2 or min(self.input_shape) < 1:
+            raise DataError(
+                f"LSTMVAE: input_shape must be (T, C) for sequences, got {self.input_shape}"
+            )
+        if hidden_dim < 1:
+            raise ConfigError(f"model.hidden_dim must be ≥ 1, got {hidden_dim}")
+        if n_layers < 1:
+            raise ConfigError(f"model.n_layers must be ≥ 1, got {n_layers}")
+        n_channels = self.input_shape[1]
+        self.latent_dim = int(latent_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.n_layers = int(n_layers)
+        self.posterior_logvar_min = posterior_logvar_min
+        # nn.LSTM applies dropout between stacked layers only, and warns if asked for it with one.
+        between_layers = float(dropout) if self.n_layers > 1 else 0.0
+
+        self.encoder = nn.LSTM(
+            n_channels, self.hidden_dim, self.n_layers, batch_first=True, dropout=between_layers
+        )
+        # The top layer's last hidden state summarises the whole sequence (seed 000's encoder).
+        self.fc_mu = nn.Linear(self.hidden_dim, self.latent_dim)
+        self.fc_logvar = nn.Linear(self.hidden_dim, self.latent_dim)
+
+        # Decoder: z sets every layer's initial (h, c) through one linear map (Bowman et al.
+        # 2016, section 3.1) and is also fed as the input at every step ("RepeatVector"), so it
+        # cannot be forgotten over 745 steps. It is not autoregressive (no previous outputs, no
+        # teacher forcing): seed 000 reports the collapse persisted "despite ... weaker decoder",
+        # so the baseline keeps the weak form, where z is the decoder's only source of
+        # information. A collapse here is then the objective's doing, not the decoder's.
+        self.fc_state = nn.Linear(self.latent_dim, 2 * self.n_layers * self.hidden_dim)
+        self.decoder = nn.LSTM(
+            self.latent_dim,
+            self.hidden_dim,
+            self.n_layers,
+            batch_first=True,
+            dropout=between_layers,
+        )
+        # Linear output: the targets (standardised vitals) are unbounded.
+        self.fc_out = nn.Linear(self.hidden_dim, n_channels)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise DataError(
+                f"LSTMVAE: expected input of shape (B, {self.input_shape}), got {tuple(x.shape)}"
+            )
+        _, (h_n, _) = self.encoder(x)
+        h = h_n[-1]  # (B, hidden_dim): the top layer at the last step
+        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the reconstruction (B, T, C) and no branch outputs."""
+        n_steps = self.input_shape[0]
+        # (B, 2 * L * H) -> two (L, B, H) tensors, the layout nn.LSTM wants for (h_0, c_0).
+        state = self.fc_state(z).view(z.shape[0], 2, self.n_layers, self.hidden_dim)
+        h_0, c_0 = state.permute(1, 2, 0, 3).contiguous().unbind(0)
+        inputs = z.unsqueeze(1).expand(-1, n_steps, -1)  # (B, T, latent_dim)
+        h, _ = self.decoder(inputs, (h_0, c_0))
+        return self.fc_out(h), {}
+
+    def forward(self, x: torch.Tensor) -> VAEOutput:
+        """Encode, sample z in training mode (z = mu in eval mode), decode."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar) if self.training else mu
+        recon, branches = self.decode(z)
+        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)
