@@ -2,7 +2,8 @@
 
 A collapsed VAE shows itself in several ways at once: raw KL near zero, few active units,
 near-constant posterior means, and a decoder that reconstructs as well from z = 0 as from
-the code. `evaluate` measures all of them in one pass over a split.
+the code. `evaluate` measures all of them in one pass over a split. A quantising model
+(VQ-VAE) cannot collapse its posterior; for it, active units are replaced by codebook usage.
 """
 
 import math
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vaelab.losses import ElboLoss, gaussian_kl_per_dim
+from vaelab.losses import ElboLoss, code_perplexity, gaussian_kl_per_dim
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016 (IWAE paper), section 5.2
 # Seed 000 "Success Criteria": thresholds a healthy latent space must clear.
@@ -59,6 +60,15 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0) ->
     return float((log_q_z_given_x - torch.cat(log_q_z)).mean())
 
 
+def codebook_usage(codes: torch.Tensor) -> int:
+    """Number of distinct codebook entries used anywhere in `codes` (any shape, long indices).
+
+    The VQ-VAE counterpart of active units: a codebook that collapses onto a few entries
+    ("index collapse", Kaiser et al. 2018) carries at most log(usage) nats per latent.
+    """
+    return int(torch.unique(codes).numel())
+
+
 def collapse_verdict(kl_raw: float, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, object]:
     """Seed 000's three checks: KL > 0.01 nats, std of mu > 0.1, mean logvar > -5."""
     mu_std = float(mu.std()) if mu.numel() > 1 else 0.0
@@ -93,6 +103,9 @@ class Evaluation:
     group_recon: dict[str, float] = field(default_factory=dict)
     # a loss's own further terms (LossTerms.extras), per-sample means over the split
     extras: dict[str, float] = field(default_factory=dict)
+    # codebook indices (N, n_latents) of a quantising model (VAEOutput.extras["codes"]); None
+    # for Gaussian models
+    codes: torch.Tensor | None = None
 
     @property
     def kl_per_dim(self) -> torch.Tensor:
@@ -107,6 +120,8 @@ class Evaluation:
             f"{prefix}/kl": self.kl_raw,
             f"{prefix}/kl_constrained": self.kl_constrained,
             f"{prefix}/active_units": float(active_units(self.mu)),
+            # AU / latent dim: plain AU rewards a large latent dimension in a sweep
+            f"{prefix}/au_fraction": active_units(self.mu) / self.mu.shape[1],
             f"{prefix}/mi": mutual_information(self.mu, self.logvar),
             f"{prefix}/mu_var_mean": float(self.mu.var(dim=0, unbiased=False).mean()),
             f"{prefix}/logvar_mean": float(self.logvar.mean()),
@@ -115,6 +130,11 @@ class Evaluation:
         parts = {**self.branch_recon, **self.group_recon}
         metrics.update({f"{prefix}/recon_{name}": v for name, v in parts.items()})
         metrics.update({f"{prefix}/{name}": v for name, v in self.extras.items()})
+        if self.codes is not None:
+            # over the whole split, every latent position pooled (one codebook is shared);
+            # the perplexity is the codebook size for uniform use, 1 for a single code
+            metrics[f"{prefix}/codebook_usage"] = float(codebook_usage(self.codes))
+            metrics[f"{prefix}/codebook_perplexity"] = float(code_perplexity(self.codes))
         return metrics
 
 
@@ -144,7 +164,7 @@ def evaluate(
     # figure (recon, recon_z0, branches, feature groups) is one masked MSE over the whole split.
     squared_error: dict[str, float] = {}
     observed: dict[str, float] = {}
-    mus, logvars = [], []
+    mus, logvars, codes = [], [], []
     for start in range(0, len(values), batch_size):
         x = values[start : start + batch_size].to(device, non_blocking=True)
         m = masks[start : start + batch_size].to(device, non_blocking=True)
@@ -169,6 +189,8 @@ def evaluate(
             observed[name] = observed.get(name, 0.0) + float(counts[name].sum())
         mus.append(out.mu.cpu())
         logvars.append(out.logvar.cpu())
+        if "codes" in out.extras:
+            codes.append(out.extras["codes"].cpu())
     n = len(values)
     mse = {name: total / max(observed[name], 1.0) for name, total in squared_error.items()}
     mean = {name: total / n for name, total in per_sample.items()}
@@ -183,4 +205,5 @@ def evaluate(
         branch_recon={k[7:]: v for k, v in mse.items() if k.startswith("branch/")},
         group_recon={k[6:]: v for k, v in mse.items() if k.startswith("group/")},
         extras=mean,
+        codes=torch.cat(codes) if codes else None,
     )

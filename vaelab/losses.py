@@ -1,8 +1,10 @@
-"""The ELBO with the anti-collapse terms the seeds use, returned as named terms.
+"""The ELBO and its anti-collapse variants, each returned as named terms.
 
-The loss is a plain callable built from config (`conf/loss/elbo.yaml`). It holds no schedule
-state: β is an argument, computed by the schedule from the epoch, so a validation pass can
-never move it (STYLE.md habit 6).
+Every loss is a plain callable built from config (`conf/loss/*.yaml`): `elbo`, `capacity`
+(Burgess et al. 2018), `dip_vae` (Kumar et al. 2018) and `vq` (van den Oord et al. 2017).
+They share one reconstruction part (`ReconstructionLoss`) and, for Gaussian posteriors, one
+KL part with free bits (`GaussianLoss`). None holds schedule state: β and the fractional
+epoch are arguments, so a validation pass can never move a schedule (STYLE.md habit 6).
 """
 
 from dataclasses import dataclass, field
@@ -83,8 +85,48 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float, mode: FreeBitsMode)
     )
 
 
-class ElboLoss:
-    """Negative ELBO: Gaussian reconstruction + β · KL with free bits and per-branch terms."""
+@dataclass
+class Reconstruction:
+    """The reconstruction part every loss shares.
+
+    recon:        masked MSE of the final reconstruction (what `LossTerms.recon` reports).
+    objective:    what the loss minimises for reconstruction: `recon`, or its blend with the
+                  per-branch terms when the model has branches and branch_weight > 0.
+    branch_recon: masked MSE of each decoder branch's own reconstruction.
+    """
+
+    recon: torch.Tensor
+    objective: torch.Tensor
+    branch_recon: dict[str, torch.Tensor]
+
+
+class ReconstructionLoss:
+    """Base of every vaelab loss: the masked reconstruction terms and the branch weighting."""
+
+    def __init__(self, branch_weight: float = 0.0) -> None:
+        if not 0.0 <= branch_weight <= 1.0:
+            raise ConfigError(f"loss.branch_weight must lie in [0, 1], got {branch_weight}")
+        self.branch_weight = branch_weight
+
+    def reconstruction(
+        self, output: VAEOutput, target: torch.Tensor, mask: torch.Tensor
+    ) -> Reconstruction:
+        """Masked MSE of the reconstruction and of every branch, and their weighted blend."""
+        recon = masked_mse(output.recon, target, mask)
+        branch_recon = {
+            name: masked_mse(branch, target, mask) for name, branch in output.branches.items()
+        }
+        # Seed 000: per-branch reconstruction terms force every temporal scale to carry
+        # information. The final reconstruction keeps weight 1 - branch_weight.
+        objective = recon
+        if branch_recon and self.branch_weight > 0:
+            branch_mean = torch.stack(list(branch_recon.values())).mean()
+            objective = (1 - self.branch_weight) * recon + self.branch_weight * branch_mean
+        return Reconstruction(recon=recon, objective=objective, branch_recon=branch_recon)
+
+
+class GaussianLoss(ReconstructionLoss):
+    """Base of the losses of a diagonal Gaussian posterior: adds the KL with free bits."""
 
     def __init__(
         self,
@@ -92,10 +134,9 @@ class ElboLoss:
         free_bits_mode: FreeBitsMode = "per_dim",
         branch_weight: float = 0.0,
     ) -> None:
+        super().__init__(branch_weight)
         if free_bits < 0:
             raise ConfigError(f"loss.free_bits must be ≥ 0 nats per dimension, got {free_bits}")
-        if not 0.0 <= branch_weight <= 1.0:
-            raise ConfigError(f"loss.branch_weight must lie in [0, 1], got {branch_weight}")
         if free_bits_mode not in FREE_BITS_MODES:
             raise ConfigError(
                 f"loss.free_bits_mode must be one of {', '.join(FREE_BITS_MODES)}, "
@@ -103,7 +144,19 @@ class ElboLoss:
             )
         self.free_bits = free_bits
         self.free_bits_mode = free_bits_mode
-        self.branch_weight = branch_weight
+
+    def kl(self, output: VAEOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kl_raw, kl_constrained): the KL and its free-bits version, nats per sample."""
+        kl_per_dim = gaussian_kl_per_dim(output.mu, output.logvar)
+        kl_raw = kl_per_dim.sum(dim=1).mean()
+        return kl_raw, free_bits_kl(kl_per_dim, self.free_bits, self.free_bits_mode)
+
+
+class ElboLoss(GaussianLoss):
+    """Negative ELBO: Gaussian reconstruction + β · KL with free bits and per-branch terms.
+
+    Its settings are GaussianLoss's: free_bits, free_bits_mode, branch_weight.
+    """
 
     def __call__(
         self,
@@ -118,24 +171,230 @@ class ElboLoss:
         `epoch` (fractional: epoch + step / steps per epoch) is there for losses whose own
         weights follow training progress; the plain ELBO does not use it.
         """
-        recon = masked_mse(output.recon, target, mask)
-        branch_recon = {
-            name: masked_mse(branch, target, mask) for name, branch in output.branches.items()
-        }
-        # Seed 000: per-branch reconstruction terms force every temporal scale to carry
-        # information. The final reconstruction keeps weight 1 - branch_weight.
-        recon_objective = recon
-        if branch_recon and self.branch_weight > 0:
-            branch_mean = torch.stack(list(branch_recon.values())).mean()
-            recon_objective = (1 - self.branch_weight) * recon + self.branch_weight * branch_mean
-
-        kl_per_dim = gaussian_kl_per_dim(output.mu, output.logvar)
-        kl_raw = kl_per_dim.sum(dim=1).mean()
-        kl_constrained = free_bits_kl(kl_per_dim, self.free_bits, self.free_bits_mode)
+        rec = self.reconstruction(output, target, mask)
+        kl_raw, kl_constrained = self.kl(output)
         return LossTerms(
-            total=recon_objective + beta * kl_constrained,
-            recon=recon,
+            total=rec.objective + beta * kl_constrained,
+            recon=rec.recon,
             kl_raw=kl_raw,
             kl_constrained=kl_constrained,
-            branch_recon=branch_recon,
+            branch_recon=rec.branch_recon,
+        )
+
+
+def linear_ramp(epoch: float, start: float, duration: float) -> float:
+    """0 before `start`, rising linearly to 1 over `duration` epochs, then 1 (a pure function).
+
+    A zero duration is a step at `start`.
+    """
+    if epoch < start:
+        return 0.0
+    if duration <= 0:
+        return 1.0
+    return min((epoch - start) / duration, 1.0)
+
+
+class CapacityLoss(GaussianLoss):
+    """Controlled capacity: recon + γ · |KL − C(t)| (Burgess et al. 2018, arXiv:1804.03599).
+
+    C(t) rises linearly from 0 to `capacity_max` nats over `capacity_epochs`, then holds, so
+    the encoder is allowed, then made, to put C nats into the code. β from the schedule is
+    ignored: C(t) is this loss's schedule (use schedule=constant, see conf/loss/capacity.yaml).
+    With free bits the penalised KL is the floored one, so while C(t) is below the floor the
+    gap stops pushing the KL down (the start, C = 0, would otherwise push towards collapse).
+    """
+
+    def __init__(
+        self,
+        gamma: float = 10.0,
+        capacity_max: float = 25.0,
+        capacity_epochs: float = 100.0,
+        free_bits: float = 0.0,
+        free_bits_mode: FreeBitsMode = "per_dim",
+        branch_weight: float = 0.0,
+    ) -> None:
+        super().__init__(free_bits, free_bits_mode, branch_weight)
+        if gamma < 0:
+            raise ConfigError(f"loss.gamma must be ≥ 0, got {gamma}")
+        if capacity_max < 0:
+            raise ConfigError(f"loss.capacity_max must be ≥ 0 nats, got {capacity_max}")
+        if capacity_epochs < 0:
+            raise ConfigError(f"loss.capacity_epochs must be ≥ 0, got {capacity_epochs}")
+        self.gamma = gamma
+        self.capacity_max = capacity_max
+        self.capacity_epochs = capacity_epochs
+
+    def capacity(self, epoch: float) -> float:
+        """C(t) in nats per sample: 0 at epoch 0, capacity_max from capacity_epochs on."""
+        return self.capacity_max * linear_ramp(epoch, 0.0, self.capacity_epochs)
+
+    def __call__(
+        self,
+        output: VAEOutput,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        beta: float,
+        epoch: float = 0.0,
+    ) -> LossTerms:
+        """Evaluate the loss of one batch at the fractional `epoch`; `beta` is not used."""
+        rec = self.reconstruction(output, target, mask)
+        kl_raw, kl_constrained = self.kl(output)
+        capacity = kl_constrained.new_tensor(self.capacity(epoch))
+        gap = (kl_constrained - capacity).abs()
+        return LossTerms(
+            total=rec.objective + self.gamma * gap,
+            recon=rec.recon,
+            kl_raw=kl_raw,
+            kl_constrained=kl_constrained,
+            branch_recon=rec.branch_recon,
+            extras={"capacity": capacity, "capacity_gap": gap},
+        )
+
+
+def dip_covariance(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Cov_q(z) = Cov_batch(mu) + mean_batch(diag(exp(logvar))), (D, D), always in float32.
+
+    Kumar et al. 2018 (DIP-VAE-II, section 3): the covariance of the aggregate posterior
+    q(z) = E_x q(z|x). Cov_batch is the population covariance (1/B, as disentanglement_lib's
+    compute_covariance_z_mean), which stays defined for a batch of one. Autocast is switched
+    off so a half-precision forward pass still gets a float32 matrix (seed 004).
+    """
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        mu, logvar = mu.float(), logvar.float()
+        centred = mu - mu.mean(dim=0, keepdim=True)
+        cov_mu = centred.T @ centred / len(mu)
+        return cov_mu + torch.diag(logvar.exp().mean(dim=0))
+
+
+def dip_penalties(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{i≠j} Cov_ij², Σ_i (Cov_ii − 1)²): the two DIP-VAE-II penalties of one covariance."""
+    diagonal = torch.diagonal(cov)
+    off_diagonal = cov.pow(2).sum() - diagonal.pow(2).sum()
+    return off_diagonal, (diagonal - 1.0).pow(2).sum()
+
+
+class DipVaeLoss(ElboLoss):
+    """DIP-VAE-II (Kumar et al. 2018, section 3; seed 004):
+    the ELBO with free bits + λ_od · Σ_{i≠j} Cov_ij² + λ_d · Σ_i (Cov_ii − 1)².
+
+    The λs follow a pure function of the epoch: 0 before `lambda_start_epoch`, so the VAE
+    trains on its own first, then a linear warm-up over `lambda_annealing_epochs` to the
+    targets (seed 004 recipe 1). β multiplies the KL exactly as in ElboLoss.
+    """
+
+    def __init__(
+        self,
+        lambda_od: float = 10.0,
+        lambda_d: float = 5.0,
+        lambda_start_epoch: float = 20.0,
+        lambda_annealing_epochs: float = 40.0,
+        free_bits: float = 0.0,
+        free_bits_mode: FreeBitsMode = "per_dim",
+        branch_weight: float = 0.0,
+    ) -> None:
+        super().__init__(free_bits, free_bits_mode, branch_weight)
+        for key, value in {
+            "lambda_od": lambda_od,
+            "lambda_d": lambda_d,
+            "lambda_start_epoch": lambda_start_epoch,
+            "lambda_annealing_epochs": lambda_annealing_epochs,
+        }.items():
+            if value < 0:
+                raise ConfigError(f"loss.{key} must be ≥ 0, got {value}")
+        self.lambda_od = lambda_od
+        self.lambda_d = lambda_d
+        self.lambda_start_epoch = lambda_start_epoch
+        self.lambda_annealing_epochs = lambda_annealing_epochs
+
+    def lambdas(self, epoch: float) -> tuple[float, float]:
+        """(λ_od, λ_d) at the fractional `epoch`."""
+        ramp = linear_ramp(epoch, self.lambda_start_epoch, self.lambda_annealing_epochs)
+        return self.lambda_od * ramp, self.lambda_d * ramp
+
+    def __call__(
+        self,
+        output: VAEOutput,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        beta: float,
+        epoch: float = 0.0,
+    ) -> LossTerms:
+        """The ELBO terms of ElboLoss, plus the covariance penalty at this epoch's λs."""
+        terms = super().__call__(output, target, mask, beta, epoch)
+        lambda_od, lambda_d = self.lambdas(epoch)
+        off_diagonal, diagonal = dip_penalties(dip_covariance(output.mu, output.logvar))
+        penalty = lambda_od * off_diagonal + lambda_d * diagonal
+        terms.total = terms.total + penalty
+        terms.extras = {
+            "cov_offdiag": off_diagonal,
+            "cov_diag": diagonal,
+            "lambda_od": penalty.new_tensor(lambda_od),
+            "lambda_d": penalty.new_tensor(lambda_d),
+            "cov_penalty": penalty,
+        }
+        return terms
+
+
+# What a quantising model (vaelab.models.vqvae.VQVAE) puts in VAEOutput.extras for VQLoss.
+VQ_EXTRAS = ("codes", "commitment", "codebook_loss", "kl")
+
+
+def code_perplexity(codes: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the histogram of `codes` (any shape, long indices), in float32.
+
+    Equals the number of codes for uniform use and 1 when one code takes every position.
+    """
+    counts = torch.bincount(codes.flatten()).float()
+    p = counts[counts > 0] / counts.sum()
+    return torch.exp(-(p * p.log()).sum())
+
+
+class VQLoss(ReconstructionLoss):
+    """VQ-VAE objective (van den Oord et al. 2017, eq. 3):
+    recon + ‖sg[z_e] − e‖² + commitment_cost · ‖z_e − sg[e]‖².
+
+    The model computes both squared distances (mean over latents and code dimensions) and
+    passes them in `output.extras`. With vaelab's EMA codebook the codebook term carries no
+    gradient (the codebook is not a parameter) and only its value is reported; the sum is
+    kept so that a loss-trained codebook would need no other loss. β is ignored: the KL of a
+    one-hot posterior against the uniform prior is the constant n_latents · log K
+    (van den Oord et al. 2017, section 3.1), reported as `kl_raw`; nothing in the objective
+    is β-weighted, so `kl_constrained` is 0.
+    """
+
+    def __init__(self, commitment_cost: float = 0.25, branch_weight: float = 0.0) -> None:
+        super().__init__(branch_weight)
+        if commitment_cost < 0:
+            raise ConfigError(f"loss.commitment_cost must be ≥ 0, got {commitment_cost}")
+        self.commitment_cost = commitment_cost
+
+    def __call__(
+        self,
+        output: VAEOutput,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        beta: float,
+        epoch: float = 0.0,
+    ) -> LossTerms:
+        """Evaluate the loss of one batch; `beta` and `epoch` are not used."""
+        missing = [name for name in VQ_EXTRAS if name not in output.extras]
+        if missing:
+            raise ConfigError(
+                f"loss=vq needs a quantising model (model=vqvae): the model output lacks "
+                f"extras {', '.join(missing)}"
+            )
+        rec = self.reconstruction(output, target, mask)
+        commitment = output.extras["commitment"]
+        codebook_loss = output.extras["codebook_loss"]
+        return LossTerms(
+            total=rec.objective + codebook_loss + self.commitment_cost * commitment,
+            recon=rec.recon,
+            kl_raw=output.extras["kl"],
+            kl_constrained=torch.zeros_like(rec.recon),
+            branch_recon=rec.branch_recon,
+            extras={
+                "commitment": commitment,
+                "codebook_loss": codebook_loss,
+                "perplexity": code_perplexity(output.extras["codes"]),
+            },
         )
