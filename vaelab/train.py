@@ -8,12 +8,14 @@ Reads top to bottom: seed, build from config, train, evaluate, checkpoint, log, 
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import mlflow
+import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -29,17 +31,37 @@ from vaelab.errors import ConfigError, DivergenceError, VaelabError
 from vaelab.outputs import encode_all, write_branch_components, write_latents
 from vaelab.settings import TRUSTED_TARGETS, cosine_lr, resolve_device, seed_everything
 from vaelab.tracking import flatten_config, log_verdict
+from vaelab.trial import SweepTrial, objective_names, sweep_trial_from_config
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train, evaluate and record one run; return `cfg.objective` at the best epoch."""
+def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
+    """Train, evaluate and record one run; return `sweep.objective` at the best epoch.
+
+    Launched by vaelab's sweeper (sweep.trial_number set), the run is also an Optuna trial:
+    it reports every epoch, may be pruned (raising optuna.TrialPruned after saving its
+    checkpoint and latents), and records the KL constraint on the trial.
+    """
     with execution_whitelist(list(TRUSTED_TARGETS)):
         tracker = build(cfg.tracking)
-        with tracker.start_run(run_name=cfg.get("run_name"), tags={"run_dir": str(run_dir)}):
+        pruner = build(cfg.sweep.pruner) if cfg.sweep.pruner else None
+        trial = sweep_trial_from_config(cfg.sweep, pruner)
+        tags = {"run_dir": str(run_dir)}
+        run_name = cfg.run_name
+        if trial is not None:
+            tags.update(
+                {"sweep.study_name": cfg.sweep.study_name, "sweep.trial_number": str(trial.number)}
+            )
+            run_name = run_name or f"{cfg.sweep.study_name}-{trial.number:04d}"
+        with tracker.start_run(run_name, tags, parent_run_id=cfg.sweep.parent_run_id) as run_id:
+            if trial is not None:
+                trial.start(run_id, run_dir)
             try:
-                return _train(cfg, run_dir)
+                objective = _train(cfg, run_dir, trial)
+                if trial is not None:
+                    mlflow.set_tag("trial_state", "COMPLETE")
+                return objective
             except DivergenceError:
                 # The run is marked FAILED; its last good checkpoint is kept with it.
                 if (run_dir / "checkpoints").is_dir():
@@ -65,7 +87,7 @@ def build(node: DictConfig, **runtime_kwargs: object) -> object:
         raise ConfigError(f"{err}{notes}") from err
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> float:
+def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | list[float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     mlflow.log_params(flatten_config(cfg))
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -74,8 +96,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     # --- seed, device -------------------------------------------------------------------
     seed_everything(cfg.seed)
     trainer = build(cfg.trainer)
-    if trainer.num_threads:
-        torch.set_num_threads(trainer.num_threads)
+    threads = trainer.num_threads
+    if threads is None and cfg.sweep.n_parallel > 1:  # parallel trials share the cores
+        threads = max(1, (os.cpu_count() or 1) // cfg.sweep.n_parallel)
+    if threads:
+        torch.set_num_threads(threads)
+    mlflow.log_param("torch.num_threads", torch.get_num_threads())
     device = resolve_device(trainer.device)
 
     # --- data: generate or read, split by patient, normalise on train only ----------------
@@ -105,6 +131,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     steps_per_epoch = max(len(train_index) // trainer.batch_size, 1)
     checkpoint_dir = run_dir / "checkpoints"
     best_val_loss, best_epoch, epochs_without_improvement = math.inf, -1, 0
+    objectives, pruned_at = objective_names(cfg.sweep.objective), None
     # Every schedule rises to and holds schedule.beta: val losses at that β compare across epochs.
     target_beta = schedule.beta
     for epoch in range(trainer.epochs):
@@ -162,10 +189,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
             "perf/samples_per_second": steps_per_epoch * trainer.batch_size / train_seconds,
         }
         mlflow.log_metrics(metrics, step=epoch)  # one batched call per epoch
-        if cfg.objective not in metrics or not cfg.objective.startswith("val/"):
+        unknown = [
+            name for name in objectives if name not in metrics or not name.startswith("val/")
+        ]
+        if unknown:
             raise ConfigError(
-                f"objective={cfg.objective} is not a validation metric of this run; choose one "
-                f"of {', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
+                f"sweep.objective names {unknown}, not validation metrics of this run; choose "
+                f"from {', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
             )
         log.info(
             "epoch %d  train %.4f  val %.4f  recon %.4f  kl %.3f  AU %d  MI %.3f  β %.3f  %.1fs",
@@ -202,6 +232,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
                     trainer.patience,
                 )
                 break
+        if trial is not None and trial.should_stop(epoch, metrics):
+            pruned_at = epoch  # checkpoint and latents are kept, as for any finished run
+            log.info("Pruned by the sweep after epoch %d: %s = %.4g", epoch, objectives[0],
+                     metrics[objectives[0]])  # fmt: skip
+            break
 
     # --- final evaluation of the best checkpoint, artifacts, verdict ---------------------
     best = torch.load(checkpoint_dir / "model.pt", map_location=device, weights_only=True)
@@ -222,17 +257,15 @@ def _train(cfg: DictConfig, run_dir: Path) -> float:
     mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoints")
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
-    objective = final_metrics[cfg.objective.replace("val/", "final/", 1)]
-    log.info(
-        "Best epoch %d: %s = %.4g (latent dim %d), KL %.3f nats, verdict %s",
-        best_epoch,
-        cfg.objective,
-        objective,
-        model.latent_dim,
-        val.kl_raw,
-        verdict["verdict"],
-    )
-    return objective
+    values = [final_metrics[name.replace("val/", "final/", 1)] for name in objectives]
+    log.info("Best epoch %d: %s = %s (latent dim %d), KL %.3f nats, verdict %s", best_epoch,
+             objectives, values, model.latent_dim, val.kl_raw, verdict["verdict"])  # fmt: skip
+    if trial is not None:
+        mlflow.log_metric("final/constraint_kl", trial.finish(final_metrics, verdict["verdict"]))
+        if pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned by {type(trial.study.pruner).__name__} after epoch "
+                                     f"{pruned_at}")  # fmt: skip
+    return values[0] if len(values) == 1 else values
 
 
 @hydra.main(config_path="../conf", config_name="train", execution_whitelist=list(TRUSTED_TARGETS))

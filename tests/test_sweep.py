@@ -1,0 +1,292 @@
+"""Real Optuna sweeps through vaelab's sweeper plugin: Hydra multiruns of tiny trials, a real
+journal storage and a real MLflow SQLite store."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from conftest import TINY_MLP
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.trial import TrialState
+
+from vaelab.sweeper import VaelabOptunaSweeper
+from vaelab.trial import open_storage
+
+pytestmark = pytest.mark.slow
+
+
+# A search space of the test's own: the tests name every swept setting on the command line,
+# so a grid sampler can walk it (the shipped spaces set TPE-only sampler options).
+GRID_SEARCH = """# @package _global_
+defaults:
+  - override /hydra/sweeper: vaelab_optuna
+  - override /hydra/sweeper/sampler: grid
+hydra:
+  sweeper:
+    direction: maximize
+    max_failure_rate: 0.0
+"""
+
+
+# latent_dim is left free: the search spaces sweep it
+TINY_MLP_UNFIXED_LATENT = [o for o in TINY_MLP if not o.startswith("model.latent_dim")]
+
+
+def sweep_command(tmp_path, study, *overrides, search="quick"):
+    root = tmp_path / "multirun"
+    searchpath = tmp_path / "conf"
+    (searchpath / "hparams_search").mkdir(parents=True, exist_ok=True)
+    (searchpath / "hparams_search" / "grid.yaml").write_text(GRID_SEARCH)
+    return [
+        sys.executable,
+        "-m",
+        "vaelab.train",
+        "--multirun",
+        f"hparams_search={search}",
+        *TINY_MLP_UNFIXED_LATENT,
+        f"paths.output_root={root}",
+        f"hydra.sweeper.study_name={study}",
+        f"hydra.sweeper.storage={root}/optuna/{study}.journal",
+        f"hydra.searchpath=[file://{searchpath}]",
+        *overrides,
+    ]
+
+
+def run_sweep(tmp_path, study, *overrides, check=True, search="quick"):
+    result = subprocess.run(
+        sweep_command(tmp_path, study, *overrides, search=search),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load(tmp_path, study):
+    storage = open_storage(str(tmp_path / "multirun" / "optuna" / f"{study}.journal"))
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def mlflow_runs(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/multirun/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_every_trial_is_recorded_and_the_infeasible_region_is_infeasible(tmp_path):
+    # A grid over the collapse threshold itself: with threshold 1e9 nats no trial can be
+    # feasible, with 0 every trial is; the best trial must come from the feasible half.
+    run_sweep(
+        tmp_path,
+        "grid",
+        "sweep.kl_threshold=choice(0.0,1e9)",
+        "sweep/pruner=none",
+        "model.latent_dim=choice(2,4)",
+        "hydra.sweeper.n_trials=4",
+        search="grid",
+    )
+    study = load(tmp_path, "grid")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert {(t.params["sweep.kl_threshold"], t.params["model.latent_dim"]) for t in trials} == {
+        (0.0, 2),
+        (0.0, 4),
+        (1e9, 2),
+        (1e9, 4),
+    }
+    for t in trials:
+        kl = t.user_attrs["val_kl"]
+        assert t.constraints["kl"] == pytest.approx(t.params["sweep.kl_threshold"] - kl)
+        assert t.user_attrs["feasible"] == (t.params["sweep.kl_threshold"] == 0.0)
+        assert t.value == t.user_attrs["val_active_units"]
+    assert study.best_trial.params["sweep.kl_threshold"] == 0.0
+
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags["sweep.study_name"] == "grid"
+    assert "model.latent_dim" in parent.data.tags["sweep.search_space"]
+    assert len(children) == 4
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        number = int(run.data.tags["sweep.trial_number"])
+        assert run.info.run_name == f"grid-{number:04d}"
+        trial = trials[number]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.data.params["model.latent_dim"] == str(trial.params["model.latent_dim"])
+        assert run.data.metrics["final/constraint_kl"] == pytest.approx(trial.constraints["kl"])
+        assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
+    best = study.best_trial
+    assert parent.data.params["best.model.latent_dim"] == str(best.params["model.latent_dim"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "optimization_results.yaml" in artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/au_vs_params.png", "plots/feasibility.png", "plots/history.png"}
+
+
+def test_pruned_and_diverging_trials_are_recorded_and_the_sweep_completes(tmp_path):
+    # A floor no trial can reach prunes the healthy trial after its first epoch; lr=1e35
+    # makes the other trial's loss infinite at once.
+    result = run_sweep(
+        tmp_path,
+        "prune",
+        "trainer.lr=choice(0.001,1e35)",
+        "hydra.sweeper.n_trials=2",
+        "sweep/pruner=threshold",
+        "sweep.pruner.lower=1e9",
+        "sweep.pruner.n_warmup_steps=0",
+        "hydra.sweeper.max_failure_rate=0.5",
+        search="grid",
+    )
+    assert "Sweep 'prune'" in result.stderr
+    trials = {t.params["trainer.lr"]: t for t in load(tmp_path, "prune").get_trials()}
+    assert trials[0.001].state == TrialState.PRUNED
+    assert trials[1e35].state == TrialState.FAIL
+    assert "DivergenceError" in trials[1e35].user_attrs["fail_reason"]
+    assert "pruned" not in trials[1e35].user_attrs
+
+    client, _, children = mlflow_runs(tmp_path)
+    by_run = {r.info.run_id: r for r in children}
+    pruned = by_run[trials[0.001].user_attrs["mlflow_run_id"]]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["trial_state"] == "PRUNED"
+    kept = {a.path for a in client.list_artifacts(pruned.info.run_id)}
+    assert {"latents.h5", "checkpoints", "config.yaml"} <= kept  # the pruned trial keeps its work
+    failed = by_run[trials[1e35].user_attrs["mlflow_run_id"]]
+    assert failed.info.status == "FAILED" and "became" in failed.data.tags["error"]
+
+
+def test_too_many_failures_stop_the_sweep_with_a_message(tmp_path):
+    result = run_sweep(
+        tmp_path,
+        "fail",
+        "trainer.lr=choice(1e35,1e36,1e37)",
+        "sweep/pruner=none",
+        "hydra.sweeper.n_trials=3",
+        check=False,
+        search="grid",
+    )
+    assert result.returncode != 0
+    assert "exceed max_failure_rate=0.0" in result.stderr
+    assert [t.state for t in load(tmp_path, "fail").get_trials()] == [TrialState.FAIL]
+
+
+def test_a_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
+    command = sweep_command(
+        tmp_path, "resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none"
+    )
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    journal = tmp_path / "multirun" / "optuna" / "resume.journal"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for one finished trial and a second under way
+        if journal.exists():
+            trials = load(tmp_path, "resume").get_trials()
+            states = [t.state for t in trials]
+            if TrialState.COMPLETE in states and any(
+                t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials
+            ):
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the sweep never had a finished and a running trial")
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+
+    run_sweep(
+        tmp_path, "resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none"
+    )
+    trials = load(tmp_path, "resume").get_trials()
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+    stale = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stale) == 1 and stale[0].user_attrs["fail_reason"].startswith("stale")
+    client, _, _ = mlflow_runs(tmp_path)
+    killed = client.get_run(stale[0].user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+def test_two_sweep_processes_fill_one_study(tmp_path):
+    command = sweep_command(tmp_path, "shared", "hydra.sweeper.n_trials=4", "sweep/pruner=none")
+    sweeps = [
+        subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for sweep in sweeps:
+        _, stderr = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, stderr[-3000:]
+    storage = open_storage(str(tmp_path / "multirun" / "optuna" / "shared.journal"))
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["shared"]
+    trials = load(tmp_path, "shared").get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # n_trials counts the study: together they run 4, or 5 if both asked for the last one
+    # at the same moment.
+    assert 4 <= len(trials) <= 5
+    assert len({t.user_attrs["sweeper_pid"] for t in trials}) == 2
+    _, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+def test_parallel_trials_share_the_cores(tmp_path):
+    run_sweep(
+        tmp_path,
+        "parallel",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        "sweep/pruner=none",
+    )
+    trials = load(tmp_path, "parallel").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # two worker processes
+    _, _, children = mlflow_runs(tmp_path)
+    expected = str(max(1, (os.cpu_count() or 1) // 2))
+    assert [c.data.params["torch.num_threads"] for c in children] == [expected] * 2
+
+
+def test_pareto_sweep_returns_the_front(tmp_path):
+    run_sweep(
+        tmp_path,
+        "pareto",
+        "sweep.objective=[val/active_units,val/recon]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+        "hydra.sweeper.n_trials=3",
+    )
+    study = load(tmp_path, "pareto")
+    assert len(study.directions) == 2
+    trials = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    for t in trials:
+        assert t.values == [
+            t.user_attrs["val_active_units"],
+            pytest.approx(t.user_attrs["val_recon"]),
+        ]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(math.nan, "not finite"), ("ten", "float-castable"), ([1.0, 2.0], "expected 1 objective")],
+)
+def test_a_bad_objective_fails_the_trial_without_crashing(value, reason):
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    ret = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+    assert VaelabOptunaSweeper._tell(study, trial, ret, 1) == TrialState.FAIL
+    assert study.trials[0].state == TrialState.FAIL
+    assert reason in study.trials[0].user_attrs["fail_reason"]
