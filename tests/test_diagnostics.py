@@ -100,3 +100,27 @@ def test_recon_z0_separates_a_decoder_that_uses_z_from_one_that_ignores_it():
     metrics = uses.metrics("val")
     assert metrics["val/active_units"] == 1
     assert metrics["val/kl"] == pytest.approx(float(0.5 * (x[:, 0] ** 2).mean()))
+
+
+def test_reference_loss_is_the_loss_at_the_final_weights():
+    # For the ELBO the loss is linear in β: the reference loss at β=2 equals the loss at β=0.5
+    # plus 1.5 x the constrained KL.
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    args = dict(batch_size=16, device=torch.device("cpu"))
+    model = LookupVAE(uses_z=False)  # KL 0.5 mu² > 0, reconstruction error > 0
+    now = evaluate(model, x, torch.ones_like(x), ElboLoss(), 0.5, reference=(2.0, 9.0), **args)
+    final = evaluate(model, x, torch.ones_like(x), ElboLoss(), 2.0, **args)
+    assert now.loss_reference == pytest.approx(final.loss)
+    assert now.loss_reference == pytest.approx(now.loss + 1.5 * now.kl_constrained)
+    assert final.loss_reference is None
+
+
+def test_codebook_verdict():
+    from vaelab.diagnostics import codebook_verdict
+
+    one_code = torch.zeros(50, 4, dtype=torch.long)
+    assert codebook_verdict(one_code, recon=0.1, recon_z0=1.0)["verdict"] == "collapsed"
+    many = torch.arange(200).reshape(50, 4) % 7
+    assert codebook_verdict(many, recon=0.1, recon_z0=1.0)["verdict"] == "healthy"
+    ignored = codebook_verdict(many, recon=0.99, recon_z0=1.0)
+    assert ignored["verdict"] == "collapsed" and ignored["codebook_usage"] == 7

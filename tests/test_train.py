@@ -138,7 +138,7 @@ def test_early_stopping_stops_patience_epochs_after_the_best(compose_config, tmp
     best = int(run.data.metrics["final/best_epoch"])
     assert len(steps) < 40  # it stopped early
     assert steps[-1] == best + 2
-    at_target = client.get_metric_history(run.info.run_id, "val/loss_at_target_beta")
+    at_target = client.get_metric_history(run.info.run_id, "val/loss_final_weights")
     losses = [m.value for m in sorted(at_target, key=lambda m: m.step)]
     assert losses[best] == min(losses)
 

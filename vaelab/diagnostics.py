@@ -87,11 +87,28 @@ def collapse_verdict(kl_raw: float, mu: torch.Tensor, logvar: torch.Tensor) -> d
     }
 
 
+def codebook_verdict(codes: torch.Tensor, recon: float, recon_z0: float) -> dict[str, object]:
+    """A VQ-VAE cannot collapse its KL (seed 000's reason to fall back to it), but it can use
+    one code for everything or have a decoder that ignores the code: it is healthy when it
+    uses at least two codes and reconstructs clearly better than from z = 0."""
+    usage = codebook_usage(codes)
+    checks = {
+        "codes_used_at_least_2": usage >= 2,
+        "recon_below_0.95_recon_z0": recon < 0.95 * recon_z0,
+    }
+    return {
+        "verdict": "healthy" if all(checks.values()) else "collapsed",
+        "codebook_usage": usage,
+        **checks,
+    }
+
+
 @dataclass
 class Evaluation:
     """Loss terms and collapse diagnostics of one split, plus its posterior means."""
 
     loss: float
+    loss_reference: float | None  # the loss at evaluate()'s `reference` (β, epoch), if asked
     recon: float
     kl_raw: float
     kl_constrained: float
@@ -111,6 +128,12 @@ class Evaluation:
     def kl_per_dim(self) -> torch.Tensor:
         """Mean KL of each latent dimension over the split, nats."""
         return gaussian_kl_per_dim(self.mu, self.logvar).mean(dim=0)
+
+    def verdict(self) -> dict[str, object]:
+        """Healthy or collapsed: seed 000's checks, or codebook use for a quantising model."""
+        if self.codes is None:
+            return collapse_verdict(self.kl_raw, self.mu, self.logvar)
+        return codebook_verdict(self.codes, self.recon, self.recon_z0)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """The per-epoch MLflow metrics under `prefix/` (seed 004 diagnostic names)."""
@@ -149,11 +172,15 @@ def evaluate(
     device: torch.device,
     epoch: float = 0.0,
     feature_groups: dict[str, tuple[int, int]] | None = None,
+    reference: tuple[float, float] | None = None,
 ) -> Evaluation:
     """Run the model in eval mode (z = mu) over `values` and measure loss and collapse.
 
     `feature_groups` names ranges [start, stop) of the last axis whose reconstruction error
-    is reported on its own, like seed 002's MSE per k-mer size.
+    is reported on its own, like seed 002's MSE per k-mer size. `reference` = (β, epoch)
+    also scores the loss with the weights it has at that point (`loss_reference`): the loss
+    of every epoch at the run's final weights, which early stopping can compare, whatever
+    schedule β, capacity C(t) or DIP λ(t) follow.
     """
     model.eval()
     # With z = 0 every sample gets the same reconstruction (eval mode: BatchNorm uses its
@@ -176,6 +203,8 @@ def evaluate(
             "kl_constrained": terms.kl_constrained,
             **terms.extras,
         }
+        if reference is not None:
+            batch_terms["loss_reference"] = loss_fn(out, x, m, *reference).total
         for name, value in batch_terms.items():
             per_sample[name] = per_sample.get(name, 0.0) + float(value) * len(x)
         errors = {"recon": (out.recon - x) ** 2 * m, "z0": (recon_z0 - x) ** 2 * m}
@@ -196,6 +225,7 @@ def evaluate(
     mean = {name: total / n for name, total in per_sample.items()}
     return Evaluation(
         loss=mean.pop("loss"),
+        loss_reference=mean.pop("loss_reference", None),
         recon=mse.pop("recon"),
         kl_raw=mean.pop("kl_raw"),
         kl_constrained=mean.pop("kl_constrained"),

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data.prepare import prepare
-from vaelab.diagnostics import Evaluation, collapse_verdict, evaluate
+from vaelab.diagnostics import Evaluation, evaluate
 from vaelab.errors import ConfigError, DivergenceError, VaelabError
 from vaelab.outputs import encode_all, write_branch_components, write_latents
 from vaelab.settings import TRUSTED_TARGETS, cosine_lr, resolve_device, seed_everything
@@ -121,10 +121,14 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     mlflow.log_params({"model.n_parameters": n_params, "data.input_shape": str(input_shape)})
     log.info("%d parameters on %s", n_params, device)
 
+    # Every schedule rises to and holds schedule.beta, and every loss weight that follows the
+    # epoch settles by the last one: the loss at those final weights compares across epochs.
+    final_weights = (schedule.beta, float(trainer.epochs))
+
     def evaluate_split(beta: float, epoch: float, split: str = "val") -> Evaluation:
         index = data.indices(split).to(device)
         return evaluate(model, values[index], masks[index], loss_fn, beta, trainer.batch_size,
-                        device, epoch, data.sampleset.feature_groups)  # fmt: skip
+                        device, epoch, data.sampleset.feature_groups, final_weights)  # fmt: skip
 
     # --- train ----------------------------------------------------------------------------
     # A last batch of one sample would break BatchNorm; it joins the next epoch's shuffle.
@@ -132,8 +136,6 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     checkpoint_dir = run_dir / "checkpoints"
     best_val_loss, best_epoch, epochs_without_improvement = math.inf, -1, 0
     objectives, pruned_at = objective_names(cfg.sweep.objective), None
-    # Every schedule rises to and holds schedule.beta: val losses at that β compare across epochs.
-    target_beta = schedule.beta
     for epoch in range(trainer.epochs):
         model.train()
         started = time.perf_counter()
@@ -176,13 +178,13 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
         val = evaluate_split(beta, epoch + 1)
         if not math.isfinite(val.loss):
             raise DivergenceError(f"validation loss became {val.loss} after epoch {epoch}")
-        # val/loss moves with β; early stopping compares epochs at the one final β instead.
-        val_loss_at_target = val.loss + (target_beta - beta) * val.kl_constrained
+        # val/loss moves with β (and C(t), λ(t)); early stopping compares the final weights'.
+        val_loss_final = val.loss_reference
         epoch_seconds = time.perf_counter() - started
         metrics = {
             **{f"train/{name}": sum_.item() / steps_per_epoch for name, sum_ in train_sums.items()},
             **val.metrics("val"),
-            "val/loss_at_target_beta": val_loss_at_target,
+            "val/loss_final_weights": val_loss_final,
             "schedule/beta": beta,
             "schedule/lr": optimizer.param_groups[0]["lr"],
             "perf/epoch_seconds": epoch_seconds,
@@ -217,11 +219,11 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
             normaliser=data.normaliser,
             config=config,
             input_shape=input_shape,
-            val_loss=val_loss_at_target,
+            val_loss=val_loss_final,
         )
         save_checkpoint(checkpoint_dir / "last.pt", model, **checkpoint)
-        if val_loss_at_target < best_val_loss:
-            best_val_loss, best_epoch, epochs_without_improvement = val_loss_at_target, epoch, 0
+        if val_loss_final < best_val_loss:
+            best_val_loss, best_epoch, epochs_without_improvement = val_loss_final, epoch, 0
             save_checkpoint(checkpoint_dir / "model.pt", model, **checkpoint)
         else:
             epochs_without_improvement += 1
@@ -245,7 +247,7 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     final_metrics = {k.replace("val/", "final/", 1): v for k, v in val.metrics("val").items()}
     final_metrics["final/best_epoch"] = best_epoch
     mlflow.log_metrics(final_metrics)
-    verdict = collapse_verdict(val.kl_raw, val.mu, val.logvar)
+    verdict = val.verdict()
     log_verdict(verdict, val.kl_per_dim.tolist())
 
     mu, logvar = encode_all(model, values, trainer.batch_size, device)
