@@ -5,11 +5,17 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Extra Hydra overrides for `make run`, e.g. `make run ARGS="trainer.epochs=3"`.
+# Extra Hydra overrides, e.g. `make run ARGS="hydra.sweeper.n_trials=6"`.
 ARGS ?=
+EXP ?= quick
+SEARCH ?= collapse
+STUDY ?= quick
+OUT ?= multirun
+PORT ?= 5000
+DASHBOARD_PORT ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast bench lint clean-multirun
+.PHONY: help install run train sweep ui dashboard test test-fast bench lint clean-multirun
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -27,8 +33,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP) ## Create .venv if missing and install vaelab with pinned dependencies
 
-run: $(STAMP) ## Install, then run the main job on the embedded defaults (synthetic vitals, SQLite MLflow store under multirun/)
-	$(BIN)/python -m vaelab.train experiment=quick $(ARGS)
+run: $(STAMP) ## Install, then the main job: a quick 12-trial collapse sweep on synthetic vitals (a few minutes)
+	$(BIN)/python -m vaelab.train --multirun experiment=quick hparams_search=quick $(ARGS)
+
+train: $(STAMP) ## One training run: make train EXP=multiscale_vitals ARGS="trainer.epochs=5"
+	$(BIN)/python -m vaelab.train experiment=$(EXP) $(ARGS)
+
+sweep: $(STAMP) ## An Optuna sweep: make sweep EXP=multiscale_vitals SEARCH=collapse ARGS="hydra.sweeper.n_trials=20"
+	$(BIN)/python -m vaelab.train --multirun experiment=$(EXP) hparams_search=$(SEARCH) $(ARGS)
+
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 (PORT=...) over the project store multirun/mlflow.db
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(OUT)/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+dashboard: $(STAMP) ## Optuna dashboard on http://127.0.0.1:8080 for a study: make dashboard STUDY=collapse
+	$(BIN)/optuna-dashboard $(OUT)/optuna/$(STUDY).journal --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 test: $(STAMP) ## Install, then run the whole test suite
 	$(BIN)/python -m pytest

@@ -260,8 +260,9 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
     values = [final_metrics[name.replace("val/", "final/", 1)] for name in objectives]
-    log.info("Best epoch %d: %s = %s (latent dim %d), KL %.3f nats, verdict %s", best_epoch,
-             objectives, values, model.latent_dim, val.kl_raw, verdict["verdict"])  # fmt: skip
+    log.info("Best epoch %d: %s (latent dim %d), KL %.3f nats, verdict %s", best_epoch,
+             ", ".join(f"{n} = {v:.4g}" for n, v in zip(objectives, values, strict=True)),
+             model.latent_dim, val.kl_raw, verdict["verdict"])  # fmt: skip
     if trial is not None:
         mlflow.log_metric("final/constraint_kl", trial.finish(final_metrics, verdict["verdict"]))
         if pruned_at is not None:
