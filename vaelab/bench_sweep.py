@@ -1,0 +1,132 @@
+"""Benchmarks of the sweep machinery: real Hydra multiruns in a temporary output root.
+
+    python -m vaelab.bench_sweep            # part of `make bench`
+
+- per-trial overhead of sweeper + launcher + MLflow parent/child, on trials that do
+  almost nothing (one epoch of a tiny MLP on 8 patients);
+- the quick sweep with and without pruning: wall time and the best feasible AU each finds;
+- two parallel trials (joblib, 2 workers) against one at a time: trials per minute.
+"""
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from vaelab.sweep_report import is_feasible
+from vaelab.trial import open_storage
+
+log = logging.getLogger(__name__)
+
+NOTHING_TRIAL = [
+    "model=mlp", "model.hidden_dims=[8]", "dataset.n_patients=12", "dataset.seq_len=16",
+    "trainer.epochs=1", "trainer.batch_size=4", "sweep/pruner=none",
+]  # fmt: skip
+
+
+def run_sweep(root: Path, study: str, overrides: list[str]) -> float:
+    """Wall seconds of one `python -m vaelab.train --multirun` sweep writing under root."""
+    command = [
+        sys.executable, "-m", "vaelab.train", "--multirun", "hparams_search=quick",
+        f"paths.output_root={root}", f"hydra.sweeper.study_name={study}",
+        f"hydra.sweeper.storage={root}/optuna/{study}.journal", *overrides,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"sweep {study} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def study_trials(root: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials of a study in root's journal."""
+    storage = open_storage(str(root / "optuna" / f"{study}.journal"))
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def trial_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
+    """Sum of the trials' own wall time (start to finish), seconds."""
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+
+
+def best_feasible_au(trials: list[optuna.trial.FrozenTrial]) -> float:
+    """The highest AU among complete feasible trials (NaN if none)."""
+    values = [t.value for t in trials if t.state.name == "COMPLETE" and is_feasible(t)]
+    return max(values) if values else float("nan")
+
+
+def bench_overhead(root: Path, n_trials: int) -> dict[str, float]:
+    """Per-trial cost of the machinery: (T(n trials) - T(0 trials)) / n, and inside trials."""
+    empty = run_sweep(root, "empty", [*NOTHING_TRIAL, "hydra.sweeper.n_trials=0"])
+    full = run_sweep(root, "nothing", [*NOTHING_TRIAL, f"hydra.sweeper.n_trials={n_trials}"])
+    trials = study_trials(root, "nothing")
+    per_trial = (full - empty) / n_trials
+    return {
+        "sweep start-up and report (s)": empty,
+        "per trial, all in (s)": per_trial,
+        "per trial, inside the job (s)": trial_seconds(trials) / n_trials,
+    }
+
+
+def bench_pruning(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
+    """The quick sweep with the median pruner and without: wall time and best feasible AU."""
+    figures = {}
+    for pruner in ("median", "none"):
+        study = f"prune_{pruner}"
+        overrides = ["experiment=quick", f"sweep/pruner={pruner}", f"trainer.epochs={epochs}",
+                     f"hydra.sweeper.n_trials={n_trials}"]  # fmt: skip
+        seconds = run_sweep(root, study, overrides)
+        trials = study_trials(root, study)
+        figures[f"{pruner}: wall (s)"] = seconds
+        figures[f"{pruner}: pruned trials"] = sum(t.state.name == "PRUNED" for t in trials)
+        figures[f"{pruner}: best feasible AU"] = best_feasible_au(trials)
+    return figures
+
+
+def bench_parallel(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
+    """Trials per minute, one at a time against two joblib workers sharing the cores."""
+    common = ["experiment=quick", "sweep/pruner=none", f"trainer.epochs={epochs}",
+              f"hydra.sweeper.n_trials={n_trials}"]  # fmt: skip
+    serial = run_sweep(root, "serial", common)
+    two_workers = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+    parallel = run_sweep(root, "parallel", [*common, *two_workers])
+    return {
+        "one at a time: trials/min": 60 * n_trials / serial,
+        "two parallel: trials/min": 60 * n_trials / parallel,
+        "speed-up": serial / parallel,
+    }
+
+
+def report(title: str, figures: dict[str, float]) -> None:
+    """Log one block of figures."""
+    log.info("%s", title)
+    for name, value in figures.items():
+        log.info("  %-34s %10.3f", name, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the three sweep benchmarks in a temporary output root and log the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=8, help="trials per measured sweep")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per quick-sweep trial")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    log.info("load average at start: %s, cores: %d", os.getloadavg(), os.cpu_count())
+    with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
+        root = Path(tmp)
+        report("Sweep machinery (trials that do almost nothing)", bench_overhead(root, args.trials))
+        report(f"Quick sweep, {args.trials} trials x {args.epochs} epochs: pruning",
+               bench_pruning(root, args.trials, args.epochs))  # fmt: skip
+        report(f"Quick sweep, {args.trials} trials x {args.epochs} epochs: parallel trials",
+               bench_parallel(root, args.trials, args.epochs))  # fmt: skip
+    log.info("load average at end: %s", os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
