@@ -24,9 +24,11 @@ def compose_encode(root, *overrides):
         return compose("encode", overrides=[f"paths.output_root={root}", *overrides])
 
 
-def write_h5(path, values, masks=None, ids=None):
+def write_h5(path, values, masks=None, ids=None, channels=None):
     """An h5 file in the seed 001 layout; NaN where a mask says unobserved."""
     with h5py.File(path, "w") as f:
+        if channels is not None:
+            f.create_dataset("vital_index", data=channels, dtype=h5py.string_dtype())
         if masks is not None:
             values = np.where(masks > 0, values, np.nan).astype(np.float32)
             f.create_dataset("masks", data=masks)
@@ -59,7 +61,8 @@ def run(tmp_path_factory):
     args = {k: cfg.dataset[k] for k in ("n_patients", "seq_len", "missing_rate", "seed")}
     samples = generate_vitals(**args)
     order = np.random.default_rng(1).permutation(len(samples))
-    data = write_h5(tmp / "new.h5", samples.values[order], samples.masks[order], samples.ids[order])
+    data = write_h5(tmp / "new.h5", samples.values[order], samples.masks[order], samples.ids[order],
+                    channels=samples.channel_names)  # fmt: skip
     return SimpleNamespace(
         root=root,
         run_id=found.info.run_id,
@@ -98,6 +101,24 @@ def test_encoding_by_checkpoint_path_gives_back_the_runs_latents(run, tmp_path):
     encode(cfg)
     assert_same_latents(out, run.latents)
     assert not (tmp_path / "no_store").exists()  # no MLflow store is touched
+
+
+@pytest.mark.slow
+def test_channels_in_another_order_are_refused(run, tmp_path):
+    with h5py.File(run.data) as f:
+        values, masks = f["values"][:], f["masks"][:]
+        names = [s.decode() for s in f["vital_index"][:]]
+    order = [1, 0, 2, 3, 4, 5, 6]
+    swapped = [names[i] for i in order]
+    data = write_h5(
+        tmp_path / "swapped.h5", values[..., order], masks[..., order], channels=swapped
+    )
+    cfg = compose_encode(run.root, f"checkpoint={run.checkpoint}", f"dataset.path={data}",
+                         f"out={tmp_path / 'latents.h5'}")  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"vital_index lists \['SBP', 'HR'.*trained on \['HR', 'SBP'"
+    ):
+        encode(cfg)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ def save_checkpoint(
     config: dict[str, Any],
     input_shape: tuple[int, ...],
     val_loss: float,
+    channel_names: list[str] | None = None,
 ) -> None:
     """Write the checkpoint atomically: a crash mid-write never leaves a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +41,7 @@ def save_checkpoint(
         "normaliser": normaliser.state_dict(),
         "config": config,
         "input_shape": list(input_shape),
+        "channel_names": channel_names,  # None when the data set only numbered its channels
     }
     partial = path.with_suffix(".tmp")
     torch.save(state, partial)
@@ -55,6 +57,7 @@ class LoadedModel:
     config: dict[str, Any]
     epoch: int
     input_shape: tuple[int, ...]
+    channel_names: tuple[str, ...] | None = None
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -71,4 +74,5 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedMod
         config=state["config"],
         epoch=state["epoch"],
         input_shape=input_shape,
+        channel_names=tuple(state["channel_names"]) if state.get("channel_names") else None,
     )

@@ -87,6 +87,12 @@ def encode(cfg: DictConfig) -> Path:
                 f"{samples.source}: values have samples of shape {samples.sample_shape}, "
                 f"the model of {origin} was trained on {loaded.input_shape}"
             )
+        names = tuple(samples.channel_names)
+        if samples.channel_names_given and loaded.channel_names and names != loaded.channel_names:
+            raise DataError(
+                f"{samples.source}: vital_index lists {list(names)}, the model of {origin} was "
+                f"trained on {list(loaded.channel_names)} (same channels, same order)"
+            )
         # Unobserved entries become 0 after normalising, the channel mean, as in training.
         values = torch.from_numpy(loaded.normaliser.transform(samples.values, samples.masks))
 

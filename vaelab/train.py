@@ -43,6 +43,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
     it reports every epoch, may be pruned (raising optuna.TrialPruned after saving its
     checkpoint and latents), and records the KL constraint on the trial.
     """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} required: give {missing[0]}=... on the command line"
+        )
     with execution_whitelist(list(TRUSTED_TARGETS)):
         tracker = build(cfg.tracking)
         pruner = build(cfg.sweep.pruner) if cfg.sweep.pruner else None
@@ -220,6 +225,9 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
             config=config,
             input_shape=input_shape,
             val_loss=val_loss_final,
+            channel_names=list(data.sampleset.channel_names)
+            if data.sampleset.channel_names_given
+            else None,
         )
         save_checkpoint(checkpoint_dir / "last.pt", model, **checkpoint)
         if val_loss_final < best_val_loss:

@@ -38,6 +38,9 @@ class SampleSet:
     labels: np.ndarray | None = None
     factors: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
+    # False when the names above were made up (a file without vital_index): then they say
+    # nothing about which channel is which, and are not compared with a model's.
+    channel_names_given: bool = True
     feature_groups: dict[str, tuple[int, int]] = field(default_factory=dict)
     unnormalised_channels: tuple[str, ...] = ()
     channel_axis: int = -1

@@ -150,6 +150,7 @@ def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> 
 
     if ids is None:
         ids = np.array([f"S{i:04d}" for i in range(n)])
+    channel_names_given = channel_names is not None
     if channel_names is None:
         prefix = "ch" if values.ndim == 3 else "f"
         channel_names = np.array([f"{prefix}{i}" for i in range(n_channels)])
@@ -174,4 +175,5 @@ def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> 
         channel_names=[str(c) for c in channel_names],
         labels=labels,
         source=path,
+        channel_names_given=channel_names_given,
     )
