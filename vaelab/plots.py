@@ -1,0 +1,253 @@
+"""Figures of a run, saved as PNG: per-dimension KL, collapse over training, reconstructions,
+and a 2-D view of the latent means.
+
+Each function takes arrays and an output path and returns the path. Figures are built as
+`matplotlib.figure.Figure` objects and written by the Agg canvas, never through pyplot: no
+global backend is switched (a notebook importing this keeps its own), no figure is left open
+in a registry, and the PNG is exactly figsize x DPI pixels (constrained layout, no
+bbox_inches="tight").
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+DPI = 100  # pixels per inch of every figure: a (7, 5) inch figure is 700 x 500 pixels
+# Seed 000's success criterion "KL > 0.01" applied per dimension: a dimension below it
+# carries (almost) nothing.
+KL_DIM_THRESHOLD = 0.01
+MAX_LEGEND_CLASSES = 20  # more classes than this are coloured on a colorbar instead
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A pyplot-free figure at DPI with constrained layout."""
+    return Figure(figsize=figsize, dpi=DPI, layout="constrained")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write the figure as PNG (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)
+    log.debug("wrote %s", path)
+    return path
+
+
+def plot_kl_per_dim(
+    kl_per_dim: np.ndarray,
+    path: str | Path,
+    sort: bool = False,
+    threshold: float = KL_DIM_THRESHOLD,
+    figsize: tuple[float, float] | None = None,
+) -> Path:
+    """Bar chart of the mean KL of each latent dimension; bars below `threshold` nats in grey.
+
+    `sort=True` orders bars from most to least informative, labelled by dimension index.
+    """
+    kl = np.asarray(kl_per_dim, dtype=np.float64).ravel()
+    order = np.argsort(-kl, kind="stable") if sort else np.arange(len(kl))
+    figsize = figsize or (min(16.0, max(6.0, 0.25 * len(kl) + 2.0)), 3.5)
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    below = kl[order] < threshold
+    colours = np.where(below, "0.6", "tab:blue")
+    bars = ax.bar(np.arange(len(kl)), kl[order], color=colours)
+    for bar, is_below in zip(bars, below, strict=True):
+        if is_below:
+            bar.set_hatch("//")
+    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1,
+               label=f"{threshold:g} nats (seed 000 threshold)")  # fmt: skip
+    few = len(kl) <= 32
+    ticks = [str(d) for d in order]
+    ax.set_xticks(np.arange(len(kl)), ticks, fontsize=8 if few else 6, rotation=0 if few else 90)
+    ax.set_xlabel("latent dimension" + (" (sorted by KL)" if sort else ""))
+    ax.set_ylabel("KL (nats per sample)")
+    ax.set_title(f"KL per latent dimension: {int((~below).sum())} of {len(kl)} "
+                 f"≥ {threshold:g} nats")  # fmt: skip
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
+def _beta_behind(ax: Axes, epochs: np.ndarray, beta: np.ndarray) -> None:
+    """β as a shaded area on a right-hand twin axis, drawn behind the curves of `ax`."""
+    twin = ax.twinx()
+    twin.fill_between(epochs, 0.0, beta, color="0.85", step="post", label="β")
+    twin.set_ylabel("β (KL weight)", color="0.4")
+    twin.set_ylim(0.0, max(float(np.nanmax(beta)) * 1.05, 1e-6))
+    ax.set_zorder(twin.get_zorder() + 1)  # the curves above the shading
+    ax.patch.set_visible(False)
+
+
+def plot_training_curves(
+    epochs: Sequence[float],
+    au: Sequence[float],
+    kl: Sequence[float],
+    beta: Sequence[float],
+    path: str | Path,
+    latent_dim: int | None = None,
+    figsize: tuple[float, float] = (7.0, 5.0),
+) -> Path:
+    """Active units (top) and raw KL (bottom) per epoch, each with the β schedule behind."""
+    epochs, au, kl, beta = (np.asarray(a, dtype=np.float64) for a in (epochs, au, kl, beta))
+    if not len(epochs) == len(au) == len(kl) == len(beta):
+        raise ValueError(
+            f"plot_training_curves: expected one value per epoch, found {len(epochs)} epochs, "
+            f"{len(au)} AU, {len(kl)} KL, {len(beta)} β"
+        )
+    fig = _figure(figsize)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(epochs, au, marker="o", markersize=3, color="tab:blue", label="active units")
+    if latent_dim is not None:
+        top.axhline(latent_dim, color="tab:blue", linestyle=":", linewidth=1,
+                    label=f"latent dim ({latent_dim})")  # fmt: skip
+    top.set_ylabel("active units (count)")
+    top.set_ylim(bottom=0)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title("Collapse during training (validation split), β schedule shaded")
+    bottom.plot(epochs, kl, marker="o", markersize=3, color="tab:orange", label="KL")
+    bottom.axhline(KL_DIM_THRESHOLD, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"{KL_DIM_THRESHOLD:g} nats (seed 000 threshold)")  # fmt: skip
+    bottom.set_ylabel("raw KL (nats per sample)")
+    bottom.set_xlabel("epoch")
+    bottom.legend(loc="upper left", fontsize=8)
+    for ax in (top, bottom):
+        _beta_behind(ax, epochs, beta)
+    return _save(fig, path)
+
+
+def plot_reconstructions(
+    inputs: np.ndarray,
+    recons: np.ndarray,
+    path: str | Path,
+    channel_names: Sequence[str] | None = None,
+    branches: Mapping[str, np.ndarray] | None = None,
+    masks: np.ndarray | None = None,
+    sample_ids: Sequence[str] | None = None,
+    max_samples: int = 4,
+    max_channels: int = 8,
+    time_label: str = "time step",
+    value_label: str = "normalised value (z)",
+    figsize: tuple[float, float] | None = None,
+) -> Path:
+    """Inputs against reconstructions: one row per sample, one column per channel.
+
+    Sequences (n, T, C) get a column per channel; feature vectors (n, F) one column, with
+    the feature index on the x axis. `branches` (name -> array like recons) adds each decoder
+    branch of a multi-scale model (seed 000) as a thin line. Entries where `masks` is 0 are
+    left out of the input line (they hold a fill value, not a measurement).
+    """
+    inputs, recons = np.asarray(inputs, dtype=np.float64), np.asarray(recons, dtype=np.float64)
+    if inputs.shape != recons.shape or inputs.ndim not in (2, 3):
+        raise ValueError(
+            f"plot_reconstructions: expected inputs and recons of one shape (n, T, C) or "
+            f"(n, F), found {inputs.shape} and {recons.shape}"
+        )
+    vectors = inputs.ndim == 2
+    expand = (lambda a: np.asarray(a, dtype=np.float64)[..., None]) if vectors else np.asarray
+    inputs, recons = expand(inputs), expand(recons)
+    branches = {name: expand(b) for name, b in (branches or {}).items()}
+    if masks is not None:
+        inputs = np.where(expand(masks) > 0, inputs, np.nan)
+    n_rows = min(len(inputs), max_samples)
+    n_cols = min(inputs.shape[2], max_channels)
+    if inputs.shape[2] > max_channels:
+        log.info("plotting the first %d of %d channels", max_channels, inputs.shape[2])
+    names = list(channel_names) if channel_names is not None else None
+    if vectors:
+        names = names if names is not None and len(names) == 1 else ["features"]
+    elif names is None:
+        names = [f"channel {c}" for c in range(n_cols)]
+    ids = list(sample_ids) if sample_ids is not None else [f"sample {i}" for i in range(n_rows)]
+    figsize = figsize or (min(max(3.2 * n_cols, 6.0), 24.0), 2.2 * n_rows + 0.6)
+    fig = _figure(figsize)
+    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, sharex=True, squeeze=False))
+    x = np.arange(inputs.shape[1])
+    for i in range(n_rows):
+        for c in range(n_cols):
+            ax = axes[i, c]
+            ax.plot(x, inputs[i, :, c], color="0.2", linewidth=1.0, label="input")
+            ax.plot(x, recons[i, :, c], color="tab:red", linewidth=1.2, label="reconstruction")
+            for name, branch in branches.items():
+                ax.plot(x, branch[i, :, c], linewidth=0.6, alpha=0.7, label=f"branch {name}")
+            if i == 0:
+                ax.set_title(names[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{ids[i]}\n{value_label}", fontsize=8)
+            if i == n_rows - 1:
+                ax.set_xlabel("feature index" if vectors else time_label, fontsize=8)
+            ax.tick_params(labelsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.suptitle("Inputs and reconstructions")
+    return _save(fig, path)
+
+
+def _pca_2d(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first two principal components of mu (zero-padded below 2 dims) and their shares."""
+    centred = mu - mu.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    scores = centred @ vt[:2].T
+    variance = singular**2
+    share = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(len(variance[:2]))
+    pad = 2 - scores.shape[1]
+    return np.pad(scores, ((0, 0), (0, pad))), np.pad(share, (0, pad))
+
+
+def plot_latent_projection(
+    mu: np.ndarray,
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
+    factor_name: str = "factor",
+    max_points: int = 20000,
+    seed: int = 0,
+    figsize: tuple[float, float] = (6.5, 5.0),
+) -> Path:
+    """Scatter of the latent means on their first two principal components.
+
+    Coloured by class `labels` (legend) or by a continuous `factor` (colorbar), not both.
+    The projection uses the raw means: inactive dimensions hardly vary, so they do not
+    steer it. Above `max_points` a seeded subsample is drawn.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    if mu.ndim != 2 or len(mu) < 2:
+        raise ValueError(f"plot_latent_projection: expected mu (N >= 2, D), found {mu.shape}")
+    if labels is not None and factor is not None:
+        raise ValueError("plot_latent_projection: colour by labels or by factor, not both")
+    keep = np.arange(len(mu))
+    if len(mu) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(mu), max_points, replace=False))
+    scores, share = _pca_2d(mu)
+    scores = scores[keep]
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    style = dict(s=10, alpha=0.7, linewidths=0)
+    if labels is not None:
+        labels = np.asarray(labels)[keep]
+        classes = np.unique(labels)
+        if len(classes) <= MAX_LEGEND_CLASSES:
+            cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+            for k, cls in enumerate(classes):
+                at = labels == cls
+                ax.scatter(*scores[at].T, color=cmap(k), label=str(cls), **style)
+            ax.legend(title="label", fontsize=8, markerscale=1.5)
+        else:
+            codes = np.searchsorted(classes, labels)
+            points = ax.scatter(*scores.T, c=codes, cmap="viridis", **style)
+            fig.colorbar(points, ax=ax, label=f"label index (of {len(classes)} classes)")
+    elif factor is not None:
+        points = ax.scatter(*scores.T, c=np.asarray(factor)[keep], cmap="viridis", **style)
+        fig.colorbar(points, ax=ax, label=factor_name)
+    else:
+        ax.scatter(*scores.T, color="tab:blue", **style)
+    ax.set_xlabel(f"PC 1 of mu ({100 * share[0]:.0f}% of variance; latent units)")
+    ax.set_ylabel(f"PC 2 of mu ({100 * share[1]:.0f}% of variance; latent units)")
+    ax.set_title(f"Latent means, PCA to 2-D ({len(keep)} of {len(mu)} samples)")
+    return _save(fig, path)
