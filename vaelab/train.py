@@ -27,6 +27,7 @@ from tqdm import tqdm
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data.prepare import prepare
 from vaelab.diagnostics import Evaluation, evaluate
+from vaelab.downstream import report_run
 from vaelab.errors import ConfigError, DivergenceError, VaelabError
 from vaelab.outputs import encode_all, write_branch_components, write_latents
 from vaelab.settings import TRUSTED_TARGETS, cosine_lr, resolve_device, seed_everything
@@ -261,6 +262,10 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     mu, logvar = encode_all(model, values, trainer.batch_size, device)
     write_latents(run_dir / "latents.h5", mu, logvar, data)
     mlflow.log_artifact(str(run_dir / "latents.h5"))
+    if cfg.evaluation.downstream:  # are the latents useful? (seed 000 step 3, seed 003)
+        report_run(mlflow.MlflowClient(), mlflow.active_run().info.run_id, model, data,
+                   mu.numpy(), val.kl_per_dim.numpy(), run_dir, device, cfg.seed,
+                   cfg.evaluation.normal_label)  # fmt: skip
     if val.branch_recon:
         write_branch_components(run_dir / "multiscale_components.h5", model, data, device)
         mlflow.log_artifact(str(run_dir / "multiscale_components.h5"))
