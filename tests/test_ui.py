@@ -1,0 +1,156 @@
+"""`make ui` as users start it: the MLflow UI over a tiny sweep's store, reached through its
+REST API on the loopback address only, and stopped with everything it started."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from test_notebooks import N_TRIALS, STUDY, tiny_sweep
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+# `make ui` depends on the install stamp; -o keeps make from reinstalling the venv (pip) when
+# pyproject.toml is newer than the stamp: the test starts the server, it does not install.
+MAKE_UI = ["make", "-o", ".venv/.installed", "ui"]
+# Looping back to 127.0.0.1 must not go through an HTTP proxy set in the environment.
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def api(port: int, path: str, body: dict | None = None) -> dict:
+    """One MLflow REST call on the loopback address: GET, or POST with a JSON body."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    with HTTP.open(request, timeout=20) as response:
+        return json.loads(response.read())
+
+
+def wait_until_up(server: subprocess.Popen, port: int, log: Path, timeout: float) -> None:
+    """Poll /health until it answers OK, the server exits, or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"make ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):  # refused until bound; reset while workers start
+            with HTTP.open(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    pytest.fail(f"no answer on 127.0.0.1:{port}/health after {timeout:.0f} s:\n"
+                f"{log.read_text()[-3000:]}")  # fmt: skip
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        leader = psutil.Process(pid)
+        return [leader, *leader.children(recursive=True)]
+    return []
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (make, mlflow, uvicorn and its workers); SIGKILL
+    what is left after 30 s, including workers uvicorn respawned while shutting down."""
+    descendants = process_tree(server.pid)[1:]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    psutil.wait_procs(descendants, timeout=30)
+    # make is not reaped before server.wait(), so its pid (the group id) cannot be reused yet
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    psutil.wait_procs(descendants, timeout=10)
+    server.wait(timeout=10)
+
+
+def tag(run: dict, key: str) -> str | None:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}.get(key)
+
+
+def test_make_ui_serves_the_sweep_on_loopback_only(tmp_path_factory, tmp_path):
+    root = tiny_sweep(tmp_path_factory)
+    port = free_port()
+    command = [*MAKE_UI, f"OUT={root}", f"PORT={port}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry_run = subprocess.run(["make", "-n", *command[1:]], cwd=REPO, env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    [line] = dry_run.stdout.strip().splitlines()  # the server and nothing else (no install)
+    assert "mlflow ui" in line and f"sqlite:///{root}/mlflow.db" in line
+    assert f"--host 127.0.0.1 --port {port}" in line
+
+    log = tmp_path / "ui.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    members: list[psutil.Process] = []
+    try:
+        wait_until_up(server, port, log, timeout=90)  # ~15 s on 2 busy cores: 4 workers start
+
+        # Bound to the loopback address only, by every process listening on the port
+        members = process_tree(server.pid)
+        listening = [
+            c.laddr
+            for p in members
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+        assert listening and {address.ip for address in listening} == {"127.0.0.1"}
+
+        with HTTP.open(f"http://127.0.0.1:{port}/", timeout=20) as page:  # the UI itself
+            assert page.status == 200 and b"<html" in page.read().lower()
+
+        experiments = [
+            e["experiment_id"]
+            for e in api(port, "/api/2.0/mlflow/experiments/search", {"max_results": 100})[
+                "experiments"
+            ]
+        ]
+        search = "/api/2.0/mlflow/runs/search"
+        parents = api(port, search, {
+            "experiment_ids": experiments,
+            "filter": f"tags.`sweep.role` = 'parent' and tags.`sweep.study_name` = '{STUDY}'",
+        }).get("runs", [])  # fmt: skip
+        assert len(parents) == 1
+        parent = parents[0]["info"]
+        children = api(port, search, {
+            "experiment_ids": [parent["experiment_id"]],
+            "filter": f"tags.mlflow.parentRunId = '{parent['run_id']}'",
+            "max_results": 100,
+        }).get("runs", [])  # fmt: skip
+        assert len(children) == N_TRIALS
+        assert all(tag(c, "trial_state") == "COMPLETE" for c in children)
+        assert sorted(int(tag(c, "sweep.trial_number")) for c in children) == list(range(N_TRIALS))
+
+        child = children[0]["info"]["run_id"]
+        listed = api(port, f"/api/2.0/mlflow/artifacts/list?run_id={child}")
+        paths = {f["path"] for f in listed["files"]}
+        assert {"latents.h5", "multiscale_components.h5", "checkpoints"} <= paths
+    finally:
+        stop(server)
+
+    with socket.socket() as probe:  # nothing answers on the port any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    assert not [p.pid for p in members if alive(p)]
+
+
+def alive(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
