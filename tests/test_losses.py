@@ -113,3 +113,14 @@ def test_bad_loss_settings_name_the_key(kwargs):
     key = next(iter(kwargs))
     with pytest.raises(ConfigError, match=f"loss.{key}"):
         ElboLoss(**kwargs)
+
+
+def test_mean_kl_reduction_weighs_the_kl_per_dimension():
+    x = torch.zeros(2, 4)
+    mu = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # KL 0.5 nats per sample
+    out = output(x, mu, torch.zeros(2, 4))
+    summed = ElboLoss(kl_reduction="sum")(out, x, torch.ones_like(x), beta=2.0)
+    averaged = ElboLoss(kl_reduction="mean")(out, x, torch.ones_like(x), beta=2.0)
+    assert summed.total.item() == pytest.approx(2.0 * 0.5)
+    assert averaged.total.item() == pytest.approx(2.0 * 0.5 / 4)
+    assert averaged.kl_raw.item() == summed.kl_raw.item() == pytest.approx(0.5)  # logged alike

@@ -40,8 +40,8 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0) ->
     term in closed form (minus the entropy); here both terms are evaluated at the same sample,
     which has the same expectation but lets their noise cancel: a collapsed posterior scores
     exactly 0 rather than 0 plus sampling noise. With few samples the estimate can dip a
-    little below 0 (another posterior may be denser at a sample than its own). The sample comes from a generator of its own
-    so that evaluating never moves the training random stream.
+    little below 0 (another posterior may be denser at a sample than its own). The sample
+    comes from a generator of its own, so evaluating never moves the training random stream.
     """
     n, dim = mu.shape
     if n < 2:

@@ -133,8 +133,11 @@ class GaussianLoss(ReconstructionLoss):
         free_bits: float = 0.0,
         free_bits_mode: FreeBitsMode = "per_dim",
         branch_weight: float = 0.0,
+        kl_reduction: Literal["sum", "mean"] = "sum",
     ) -> None:
         super().__init__(branch_weight)
+        if kl_reduction not in ("sum", "mean"):
+            raise ConfigError(f"loss.kl_reduction must be sum or mean, got {kl_reduction!r}")
         if free_bits < 0:
             raise ConfigError(f"loss.free_bits must be ≥ 0 nats per dimension, got {free_bits}")
         if free_bits_mode not in FREE_BITS_MODES:
@@ -144,6 +147,12 @@ class GaussianLoss(ReconstructionLoss):
             )
         self.free_bits = free_bits
         self.free_bits_mode = free_bits_mode
+        self.kl_reduction = kl_reduction
+
+    def kl_term(self, kl_constrained: torch.Tensor, latent_dim: int) -> torch.Tensor:
+        """The KL as β multiplies it: summed over latent dimensions (the ELBO's own scale), or
+        their mean, as seed 001's loss took it, so that its β = 0.5 means what it meant there."""
+        return kl_constrained if self.kl_reduction == "sum" else kl_constrained / latent_dim
 
     def kl(self, output: VAEOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(kl_raw, kl_constrained): the KL and its free-bits version, nats per sample."""
@@ -174,7 +183,7 @@ class ElboLoss(GaussianLoss):
         rec = self.reconstruction(output, target, mask)
         kl_raw, kl_constrained = self.kl(output)
         return LossTerms(
-            total=rec.objective + beta * kl_constrained,
+            total=rec.objective + beta * self.kl_term(kl_constrained, output.mu.shape[1]),
             recon=rec.recon,
             kl_raw=kl_raw,
             kl_constrained=kl_constrained,
