@@ -419,11 +419,15 @@ def test_normaliser_fits_known_mean_and_std_ignoring_masked_entries() -> None:
         assert abs(observed.mean()) < 1e-5 and abs(observed.std() - 1) < 1e-5
 
 
-def test_normaliser_floors_std_of_constant_channel() -> None:
+def test_normaliser_only_centres_a_channel_constant_in_training() -> None:
     values = np.stack([np.full((4, 5), 7.0), np.arange(20.0).reshape(4, 5)], axis=-1)
     norm = Normaliser.fit(values, None)
-    assert norm.std[0] == pytest.approx(1e-6) and norm.mean[0] == 7.0
+    assert norm.std[0] == 1.0 and norm.mean[0] == 7.0
     assert (norm.transform(values)[..., 0] == 0.0).all()
+    # A value the channel never took in training stays on its own scale, not blown up.
+    other = values.copy()
+    other[0, 0, 0] = 9.0
+    assert norm.transform(other)[0, 0, 0] == pytest.approx(2.0)
 
 
 def test_normaliser_on_feature_vectors() -> None:

@@ -68,7 +68,7 @@ class Normaliser:
     """
 
     mean: np.ndarray  # (C,) float64; 0 for channels fitted as unnormalised
-    std: np.ndarray  # (C,) float64, floored at STD_FLOOR; 1 for channels fitted as unnormalised
+    std: np.ndarray  # (C,) float64; 1 for channels constant in training or left unnormalised
     channel_axis: int = -1  # axis of a batch (N, ...) holding the channels
 
     @classmethod
@@ -115,8 +115,11 @@ class Normaliser:
         v = np.where(observed, values, 0.0)
         mean = v.sum(axis=axes) / count
         var = (np.where(observed, values - mean, 0.0) ** 2).sum(axis=axes) / count
-        # A constant channel would divide by zero; the floor maps it to 0 instead.
-        std = np.maximum(np.sqrt(var), STD_FLOOR)
+        # A channel constant in the training split (the corner pixels of digits, say) is only
+        # centred: dividing by a tiny std would turn any other value it takes in validation
+        # or new data into a huge one.
+        std = np.sqrt(var)
+        std[std < STD_FLOOR] = 1.0
         mean[keep] = 0.0
         std[keep] = 1.0
         return cls(mean=mean, std=std, channel_axis=int(channel_axis))
