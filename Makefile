@@ -17,8 +17,38 @@ DASHBOARD_PORT ?= 8080
 .DEFAULT_GOAL := help
 .PHONY: help install run train sweep ui dashboard test test-fast bench lint clean-multirun
 
+# One `make train-<name>` and `make sweep-<name>` per file of conf/experiment/, generated below
+# (no copy per experiment): each entry is <experiment>:<its hparams_search space>.
+EXPERIMENTS := \
+	quick:quick \
+	multiscale_vitals:collapse \
+	lstm_vitals_baseline:lstm_baseline \
+	vqvae_vitals:vqvae \
+	conv_lstm_vitals:collapse \
+	kmer_mlp:kmer \
+	mri3d_baseline:mri3d \
+	mri3d_dipvae:mri3d_dipvae \
+	digits:benchmarks \
+	mnist1d:benchmarks
+exp_name = $(word 1,$(subst :, ,$(1)))
+exp_search = $(word 2,$(subst :, ,$(1)))
+# `make help` lines of an experiment: its description is line 2 of the experiment file (the
+# line after `# @package _global_`), up to a `;`.
+define experiment_help
+printf '  %-30s %s\n' 'train-$(1)' "One run: $$(sed -n '2{s/^# *//;s/;.*//;p}' conf/experiment/$(1).yaml)"; \
+printf '  %-30s %s\n' 'sweep-$(1)' 'Optuna sweep of experiment=$(1) over hparams_search=$(2)';
+endef
+define experiment_targets
+.PHONY: train-$(1) sweep-$(1)
+train-$(1): $$(STAMP)
+	$$(BIN)/python -m vaelab.train experiment=$(1) $$(ARGS)
+sweep-$(1): $$(STAMP)
+	$$(BIN)/python -m vaelab.train --multirun experiment=$(1) hparams_search=$(2) $$(ARGS)
+endef
+
 help: ## List every target with one line each
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-30s %s\n", $$1, $$2}'
+	@$(foreach pair,$(EXPERIMENTS),$(call experiment_help,$(call exp_name,$(pair)),$(call exp_search,$(pair))))
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +93,6 @@ lint: $(STAMP) ## Run ruff over the code and tests
 clean-multirun: ## Delete everything runs wrote under multirun/ (asks first)
 	@printf 'Delete every run, the MLflow store and Optuna storage under multirun/? [y/N] '; \
 	read answer; if [ "$$answer" = y ]; then find multirun -mindepth 1 ! -name README.md -exec rm -rf {} +; echo deleted; else echo kept; fi
+
+# train-<name> and sweep-<name> for every entry of EXPERIMENTS (listed by `make help`).
+$(foreach pair,$(EXPERIMENTS),$(eval $(call experiment_targets,$(call exp_name,$(pair)),$(call exp_search,$(pair)))))
