@@ -7,7 +7,7 @@ from torch import nn
 
 from vaelab.errors import DataError
 from vaelab.models.mlp import MLPVAE
-from vaelab.models.multiscale_conv1d import BRANCHES, MultiScaleConv1DVAE
+from vaelab.models.multiscale_conv1d import BRANCHES, Dropout, MultiScaleConv1DVAE
 
 BRANCH_NAMES = ["local", "hourly", "daily", "multiday"]
 # Both models on the same (T, C) = (300, 3) input: a short sequence and a flattened one.
@@ -68,6 +68,47 @@ def test_multiscale_decoder_lengths_exact_from_layers_alone(n_steps: int) -> Non
     out = model(torch.randn(2, n_steps, 3))
     assert out.recon.shape == (2, n_steps, 3)
     assert all(b.shape == (2, n_steps, 3) for b in out.branches.values())
+
+
+@pytest.mark.parametrize("n_steps", [745, 512, 300, 1000])
+def test_multiscale_decoder_polyphase_equals_conv_transpose1d(n_steps: int) -> None:
+    # The decoder computes each ConvTranspose1d as interleaved stride-1 convolutions (for
+    # speed): output and gradients must be those of F.conv_transpose1d with the same weights.
+    torch.manual_seed(0)
+    model = _small_conv(n_steps, 3)
+    for name in BRANCH_NAMES:
+        input_lengths = model.lengths[name][:0:-1]  # deepest first, as the decoder runs
+        for block, length in zip(model.decoder_branches[name], input_lengths, strict=True):
+            deconv = block[0]
+            x = torch.randn(2, deconv.in_channels, length, requires_grad=True)
+            expected = F.conv_transpose1d(
+                x, deconv.weight, deconv.bias, deconv.stride, deconv.padding,
+                deconv.output_padding,
+            )  # fmt: skip
+            got = deconv(x)
+            assert got.shape == expected.shape, name
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            grad = torch.randn_like(expected)
+            inputs = (x, deconv.weight, deconv.bias)
+            for g, e in zip(
+                torch.autograd.grad(got, inputs, grad),
+                torch.autograd.grad(expected, inputs, grad),
+                strict=True,
+            ):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_draws_the_masks_of_nn_dropout(dtype) -> None:
+    # The faster CPU dropout must give nn.Dropout's outputs bit for bit, from the same seed,
+    # and leave the generator where nn.Dropout leaves it.
+    x = torch.randn(4, 8, 745, dtype=dtype)
+    torch.manual_seed(3)
+    expected, expected_next = nn.Dropout(0.2)(x), torch.rand(5)
+    torch.manual_seed(3)
+    got, got_next = Dropout(0.2)(x), torch.rand(5)
+    assert torch.equal(got, expected) and torch.equal(got_next, expected_next)
+    assert torch.equal(Dropout(0.2).eval()(x), x)
 
 
 def test_multiscale_other_channels_and_default_width() -> None:
