@@ -84,8 +84,9 @@ test: $(STAMP) ## Install, then run the whole test suite
 test-fast: $(STAMP) ## Run only the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## Print train-step throughput, share of measured matmul peak, and full-loop overhead
+bench: $(STAMP) ## Print throughput of every model, share of matmul peak, loop and sweep overhead (~15 min)
 	$(BIN)/python -m vaelab.bench
+	$(BIN)/python -m vaelab.bench_sweep
 
 lint: $(STAMP) ## Run ruff over the code and tests
 	$(BIN)/ruff check vaelab tests

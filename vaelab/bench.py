@@ -4,7 +4,8 @@
 
 Reads top to bottom: the machine, its measured float32 matmul peak, one train step of the
 seed 000 model (samples/s, FLOPs, share of that peak), the real training loop against a bare
-loop of the same steps, then one table. Figures go to stdout through logging.
+loop of the same steps, every experiment's model on its own data shape, then one table.
+Figures go to stdout through logging. `python -m vaelab.bench_sweep` measures the sweeps.
 """
 
 import logging
@@ -47,6 +48,14 @@ REFERENCE_PEAK_SHARE = 0.22
 
 # Part (d): the real loop, kept short; epoch 0 is warm-up and left out of the figures.
 LOOP_PATIENTS, LOOP_EPOCHS = 200, 3
+
+# Part (e): every model at its experiment's data shape, batch size, loss and schedule. Only the
+# number of generated samples is cut (the shape of one sample is what a step costs).
+EXPERIMENTS = (
+    "multiscale_vitals", "quick", "lstm_vitals_baseline", "conv_lstm_vitals", "vqvae_vitals",
+    "kmer_mlp", "mri3d_baseline", "mri3d_dipvae", "digits", "mnist1d",
+)  # fmt: skip
+FEW_SAMPLES = {"n_patients": 8, "n_subjects": 6, "n_samples": 200}
 
 
 class OtherLoad:
@@ -270,6 +279,69 @@ def loop_overhead() -> dict[str, object]:
     }
 
 
+def compose_experiment(name: str, output_root: Path) -> DictConfig:
+    """experiment=name with few generated samples, on the CPU, writing under output_root."""
+    overrides = [f"experiment={name}", f"paths.output_root={output_root}", "trainer.device=cpu"]
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=overrides)
+    for key, count in FEW_SAMPLES.items():
+        if key in cfg.dataset:
+            cfg.dataset[key] = count
+    return cfg
+
+
+def experiment_step_speed(cfg: DictConfig, warmup: int = 2, steps: int = 6) -> dict[str, object]:
+    """Median train step of the experiment's model, loss and optimiser at its batch size.
+
+    Batches are drawn with replacement from all samples: the figure is about the step, and the
+    few generated samples may be fewer than one batch.
+    """
+    with execution_whitelist(list(TRUSTED_TARGETS)):
+        data = prepare(build(cfg.dataset), cfg.split.val_fraction, cfg.split.test_fraction, 0)
+        torch.manual_seed(cfg.seed)
+        model = build(cfg.model, input_shape=data.sampleset.sample_shape).train()
+        loss_fn, schedule, trainer = build(cfg.loss), build(cfg.schedule), build(cfg.trainer)
+    optimizer = trainer.optimizer(model.parameters())
+    beta, progress = schedule(float(trainer.epochs)), float(trainer.epochs)
+    seconds = []
+    for step in range(warmup + steps):
+        batch = torch.randint(len(data.values), (trainer.batch_size,))
+        x, mask = data.values[batch], data.masks[batch]
+        started = time.perf_counter()
+        terms = loss_fn(model(x), x, mask, beta, progress)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        if trainer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+        optimizer.step()
+        if step >= warmup:
+            seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    return {
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "shape": "x".join(str(n) for n in data.sampleset.sample_shape),
+        "batch": trainer.batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "step": median,
+        "samples_per_second": trainer.batch_size / median,
+    }
+
+
+def every_model() -> dict[str, dict[str, object]]:
+    """Part (e): experiment_step_speed for each of EXPERIMENTS."""
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
+        for name in EXPERIMENTS:
+            figures[name] = experiment_step_speed(compose_experiment(name, Path(tmp)))
+            log.info(
+                "  %-22s %-20s %-12s batch %-4d %9d params  %7.3f s/step  %8.1f samples/s",
+                name, figures[name]["model"], figures[name]["shape"], figures[name]["batch"],
+                figures[name]["parameters"], figures[name]["step"],
+                figures[name]["samples_per_second"],
+            )  # fmt: skip
+    return figures
+
+
 def summary(
     loads: tuple[float, float],
     info: dict[str, object],
@@ -311,7 +383,7 @@ def configure_logging() -> None:
 
 
 def main() -> None:
-    """Measure (a) the machine, (b) the matmul peak, (c) one train step, (d) loop overhead."""
+    """(a) the machine, (b) matmul peak, (c) one train step, (d) loop overhead, (e) models."""
     configure_logging()
     started = time.perf_counter()
     start_load = os.getloadavg()
@@ -339,6 +411,9 @@ def main() -> None:
         LOOP_PATIENTS, LOOP_EPOCHS, [round(s, 2) for s in loop["epochs_full"]],
         loop["train_seconds"], [round(s, 2) for s in loop["epochs_bare"]],
     )  # fmt: skip
+
+    log.info("(e) every experiment's train step on its own data shape (median of 6)")
+    every_model()
 
     end_load = os.getloadavg()
     log.info("load average at end %.2f %.2f %.2f", *end_load)
