@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vaelab.errors import DataError
+
+# What a sample of each rank is, for the message of checked_input_shape (None: any rank).
+LAYOUTS = {2: "(T, C) for sequences", 4: "(C, D, H, W) for volumes", None: "non-empty"}
+
 
 @dataclass
 class VAEOutput:
@@ -20,6 +25,17 @@ class VAEOutput:
     z: torch.Tensor
     branches: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def checked_input_shape(model: str, input_shape: object, rank: int | None) -> tuple[int, ...]:
+    """input_shape as a tuple of positive ints of `rank`, or one DataError naming the layout.
+
+    Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or (rank is not None and len(shape) != rank) or min(shape) < 1:
+        raise DataError(f"{model}: input_shape must be {LAYOUTS[rank]}, positive, got {shape}")
+    return shape
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

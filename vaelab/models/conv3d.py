@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
 
 # With model.n_down = null, halve while every side stays even and at least MIN_GRID voxels, at
 # most MAX_DERIVED_DOWN times: 32³ -> 4³, and 128³ -> 8³, seed 004's compact feature volume.
@@ -94,12 +94,7 @@ class Conv3DVAE(nn.Module):
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
         super().__init__()
-        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
-        self.input_shape = tuple(int(s) for s in input_shape)
-        if len(self.input_shape) != 4 or min(self.input_shape) < 1:
-            raise DataError(
-                f"Conv3DVAE: input_shape must be (C, D, H, W) for volumes, got {self.input_shape}"
-            )
+        self.input_shape = checked_input_shape("Conv3DVAE", input_shape, rank=4)
         if base_channels < 1:
             raise ConfigError(f"model.base_channels must be ≥ 1, got {base_channels}")
         # Every level has base_channels * 2**i channels, so dividing the first divides them all.

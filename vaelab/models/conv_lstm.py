@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
 
 # The same length arithmetic as the multi-scale model's exact-length decoder, shared rather than
 # written twice.
@@ -32,12 +32,7 @@ class ConvLSTMVAE(nn.Module):
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
         super().__init__()
-        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
-        self.input_shape = tuple(int(s) for s in input_shape)
-        if len(self.input_shape) != 2 or min(self.input_shape) < 1:
-            raise DataError(
-                f"ConvLSTMVAE: input_shape must be (T, C) for sequences, got {self.input_shape}"
-            )
+        self.input_shape = checked_input_shape("ConvLSTMVAE", input_shape, rank=2)
         channels = [int(c) for c in conv_channels]
         if not channels or min(channels) < 1:
             raise ConfigError(f"model.conv_channels must be non-empty and positive: {channels}")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
 
 
 class LSTMVAE(nn.Module):
@@ -20,12 +20,7 @@ class LSTMVAE(nn.Module):
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
         super().__init__()
-        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
-        self.input_shape = tuple(int(s) for s in input_shape)
-        if len(self.input_shape) != 2 or min(self.input_shape) < 1:
-            raise DataError(
-                f"LSTMVAE: input_shape must be (T, C) for sequences, got {self.input_shape}"
-            )
+        self.input_shape = checked_input_shape("LSTMVAE", input_shape, rank=2)
         if hidden_dim < 1:
             raise ConfigError(f"model.hidden_dim must be ≥ 1, got {hidden_dim}")
         if n_layers < 1:

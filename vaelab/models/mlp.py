@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vaelab.errors import DataError
-from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
 
 
 def _dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
@@ -34,10 +34,7 @@ class MLPVAE(nn.Module):
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
         super().__init__()
-        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
-        self.input_shape = tuple(int(s) for s in input_shape)
-        if not self.input_shape or min(self.input_shape) < 1:
-            raise DataError(f"MLPVAE: input_shape must be non-empty, positive: {self.input_shape}")
+        self.input_shape = checked_input_shape("MLPVAE", input_shape, rank=None)
         self.latent_dim = int(latent_dim)
         self.posterior_logvar_min = posterior_logvar_min
         hidden = [int(h) for h in hidden_dims]

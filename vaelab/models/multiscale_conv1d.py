@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, floor_logvar, reparameterize
+from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
 
 
 class ConvSpec(NamedTuple):
@@ -160,13 +160,7 @@ class MultiScaleConv1DVAE(nn.Module):
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
         super().__init__()
-        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
-        self.input_shape = tuple(int(s) for s in input_shape)
-        if len(self.input_shape) != 2:
-            raise DataError(
-                f"MultiScaleConv1DVAE: input_shape must be (T, C) for sequences, "
-                f"got {self.input_shape}"
-            )
+        self.input_shape = checked_input_shape("MultiScaleConv1DVAE", input_shape, rank=2)
         if base_channels < 2 or base_channels % 2:
             raise ConfigError(f"model.base_channels must be even and ≥ 2, got {base_channels}")
         n_steps, n_channels = self.input_shape

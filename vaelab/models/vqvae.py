@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput
+from vaelab.models.base import VAEOutput, checked_input_shape
 from vaelab.models.multiscale_conv1d import conv_out_length, transpose_output_padding
 
 DETERMINISTIC_LOGVAR = -6.0  # log-variance reported for the point-mass posterior (seed 004 floor)
@@ -61,12 +61,7 @@ class VQVAE(nn.Module):
         dead_code_threshold: float = 1.0,
     ) -> None:
         super().__init__()
-        # Hydra hands over lists or ListConfigs; plain ints keep the shape hashable and printable.
-        self.input_shape = tuple(int(s) for s in input_shape)
-        if len(self.input_shape) != 2 or min(self.input_shape) < 1:
-            raise DataError(
-                f"VQVAE: input_shape must be (T, C) for sequences, got {self.input_shape}"
-            )
+        self.input_shape = checked_input_shape("VQVAE", input_shape, rank=2)
         widths = [int(c) for c in channels]
         for key, value in {
             "n_latents": n_latents,
