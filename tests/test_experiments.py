@@ -4,6 +4,7 @@ pairs with a search space that composes, and has its own `make train-<name>` and
 
 import math
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -121,9 +122,9 @@ def test_kmer_mlp_is_seed_002(compose_config, monkeypatch):
     # the mean, so the same balance is 0.1 / 2772
     assert cfg.schedule.beta * 2772 == pytest.approx(0.1, rel=1e-3)
     assert cfg.trainer.epochs == 100
-    # the shared contig, relative to the repository root and never a machine path
-    assert cfg.dataset.fasta == "../shared/data/ecoli_MIIJ01000039.fna.gz"
-    assert (ROOT / cfg.dataset.fasta).is_file()
+    # the contig shipped in the package, whatever the working directory
+    assert cfg.dataset.fasta == str(ROOT / "vaelab/data/bundled/ecoli_MIIJ01000039.fna.gz")
+    assert Path(cfg.dataset.fasta).is_file()
     assert cfg.dataset.group_by == "window" and cfg.dataset.max_skipped_fraction == 0.5
     latent = swept("kmer")["model.latent_dim"]
     assert "64" in latent and "512" in latent
@@ -210,7 +211,7 @@ def test_benchmark_experiments_fit_their_data(compose_config):
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS]
 )
 def test_experiment_trains_one_tiny_epoch(compose_config, tmp_path, monkeypatch, name):
-    monkeypatch.chdir(ROOT)  # kmer_mlp reads ../shared/data relative to the repository root
+    monkeypatch.chdir(tmp_path)  # nothing may depend on running from the repository root
     downstream = f"evaluation.downstream={name in DOWNSTREAM}"
     cfg = compose_config([f"experiment={name}", *TINY, *TINY_DATA[name], downstream])
     objective = train(cfg, tmp_path / "run")

@@ -19,6 +19,7 @@ import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import execution_whitelist, instantiate
 
+from vaelab.bundled import bundled_path
 from vaelab.data.kmers import (
     FEATURE_GROUPS,
     FEATURE_NAMES,
@@ -33,13 +34,9 @@ from vaelab.data.kmers import (
     main,
     n_canonical,
 )
-from vaelab.errors import DataError
+from vaelab.errors import ConfigError, DataError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ECOLI = DATA / "ecoli_MIIJ01000039.fna.gz"
-needs_ecoli = pytest.mark.skipif(
-    not ECOLI.is_file(), reason=f"real E. coli contig not found at {ECOLI} (see shared/data)"
-)
+ECOLI = Path(bundled_path("ecoli_MIIJ01000039.fna.gz"))  # the real contig shipped with vaelab
 SEED_GROUPS = {
     "6mer": (0, 2080),
     "5mer": (2080, 2592),
@@ -397,14 +394,11 @@ def test_bad_h5_and_npy(tmp_path):
 
 @pytest.fixture(scope="module")
 def ecoli_text() -> str:
-    if not ECOLI.is_file():
-        pytest.skip(f"real E. coli contig not found at {ECOLI} (see shared/data)")
     lines = gzip.decompress(ECOLI.read_bytes()).decode().splitlines()
     assert lines[0].startswith(">")
     return "".join(lines[1:])
 
 
-@needs_ecoli
 def test_real_ecoli_contig(ecoli_text, caplog):
     window = 5000
     started = time.perf_counter()
@@ -450,7 +444,6 @@ def test_real_ecoli_contig(ecoli_text, caplog):
     assert "WARNING" in caplog.text and "more than half of their k-mers skipped" in caplog.text
 
 
-@needs_ecoli
 def test_hydra_composes_kmers_and_splits_a_single_genome(compose_config):
     from vaelab.data.prepare import prepare
 
@@ -483,3 +476,10 @@ def test_hydra_kmers_without_a_source_fails(compose_config):
         instantiate(cfg.dataset)
     error = err.value if isinstance(err.value, DataError) else err.value.__cause__
     assert isinstance(error, DataError) and "expected exactly one source" in str(error)
+
+
+def test_a_bundled_file_is_named_by_its_bare_name_only():
+    with pytest.raises(ConfigError, match=r"no such bundled file; there are \['ecoli_MIIJ"):
+        bundled_path("missing.fna.gz")
+    with pytest.raises(ConfigError, match="no such bundled file"):
+        bundled_path("../bundled.py")  # a path out of the bundled folder is refused
