@@ -175,12 +175,25 @@ def seed000_model(stock_layers: bool = False) -> MultiScaleConv1DVAE:
     return model.train()
 
 
-def train_step(model, loss_fn, optimizer, x: torch.Tensor, mask: torch.Tensor) -> None:
-    """One optimiser step as vaelab.train takes it: forward, ELBO at β, backward, clip, AdamW."""
-    terms = loss_fn(model(x), x, mask, BETA)
+def train_step(
+    model,
+    loss_fn,
+    optimizer,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = BETA,
+    grad_clip: float | None = GRAD_CLIP,
+    epoch: float = 0.0,
+) -> None:
+    """One optimiser step as vaelab.train takes it: forward, loss at β, backward, clip, step.
+
+    The defaults are seed 000's β and clipping.
+    """
+    terms = loss_fn(model(x), x, mask, beta, epoch)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
 
 
@@ -323,12 +336,7 @@ def experiment_step_speed(cfg: DictConfig, warmup: int = 2, steps: int = 6) -> d
         batch = torch.randint(len(data.values), (trainer.batch_size,))
         x, mask = data.values[batch], data.masks[batch]
         started = time.perf_counter()
-        terms = loss_fn(model(x), x, mask, beta, progress)
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        if trainer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
-        optimizer.step()
+        train_step(model, loss_fn, optimizer, x, mask, beta, trainer.grad_clip, progress)
         if step >= warmup:
             seconds.append(time.perf_counter() - started)
     median = statistics.median(seconds)

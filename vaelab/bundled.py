@@ -23,4 +23,5 @@ def bundled_path(name: str) -> str:
     return str(path)
 
 
-OmegaConf.register_new_resolver("vaelab.bundled", bundled_path, replace=True)
+# omegaconf 2.4 (with Hydra 1.4) deprecates register_new_resolver for this name.
+OmegaConf.register_resolver("vaelab.bundled", bundled_path, replace=True)
