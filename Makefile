@@ -84,7 +84,7 @@ test: $(STAMP) ## Install, then run the whole test suite
 test-fast: $(STAMP) ## Run only the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## Print throughput of every model, share of matmul peak, loop and sweep overhead (~15 min)
+bench: $(STAMP) ## Print throughput of every model, share of matmul peak, loop and sweep overhead (~8 min)
 	$(BIN)/python -m vaelab.bench
 	$(BIN)/python -m vaelab.bench_sweep
 
