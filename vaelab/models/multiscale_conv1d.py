@@ -82,7 +82,9 @@ def polyphase_conv_transpose1d(
     order of the sums differs: results agree to float32 rounding (~1e-6 relative), and against
     a float64 reference its gradients were the more accurate. On the CPU oneDNN runs the long
     strided transposed kernels of the decoder (k=255, s=16; k=63, s=8) through im2col + GEMM;
-    this form runs them about twice as fast, backward included.
+    this form ran them about twice as fast on one 2-core Xeon host, backward included, but the
+    gain depends on the host's oneDNN kernels (1.04-1.09x for a whole train step on another):
+    `make bench` measures it against torch.nn's layers on the machine at hand.
     """
     batch, _, length = x.shape
     c_in, c_out, kernel = weight.shape
@@ -138,8 +140,8 @@ class Dropout(nn.Dropout):
         return x * (uniform < keep).to(x.dtype).div_(keep)
 
 
-def _block(conv: nn.Module, channels: int, dropout: float) -> nn.Sequential:
-    """conv -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout, the seed 001 ConvBlock."""
+def conv_block(conv: nn.Module, channels: int, dropout: float) -> nn.Sequential:
+    """conv -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout: seed 001's ConvBlock, also the VQ-VAE's."""
     # LeakyReLU in place: BatchNorm's backward does not need its output, and LeakyReLU's own
     # backward reads the sign from its result (slope > 0), so gradients are unchanged while each
     # block allocates one activation fewer.
@@ -181,7 +183,7 @@ class MultiScaleConv1DVAE(nn.Module):
             encoder, decoder = [], []
             for i, (_, k, s) in enumerate(specs):
                 conv = nn.Conv1d(widths[i], widths[i + 1], k, s, padding=k // 2)
-                encoder.append(_block(conv, widths[i + 1], dropout))
+                encoder.append(conv_block(conv, widths[i + 1], dropout))
                 # The decoder mirrors the branch: reversed kernels and strides, channels going
                 # back down, but ending at c/2 feature maps rather than C so the merge has
                 # features to mix.
@@ -190,7 +192,7 @@ class MultiScaleConv1DVAE(nn.Module):
                 deconv = PolyphaseConvTranspose1d(
                     widths[i + 1], out, k, s, padding=k // 2, output_padding=pad
                 )
-                decoder.insert(0, _block(deconv, out, dropout))
+                decoder.insert(0, conv_block(deconv, out, dropout))
             # Encoder attributes keep seed 001's names (branch_local, ...).
             setattr(self, f"branch_{name}", nn.Sequential(*encoder))
             self.decoder_branches[name] = nn.Sequential(*decoder)

@@ -34,14 +34,13 @@ from torch import nn
 
 from vaelab.errors import ConfigError, DataError
 from vaelab.models.base import VAEOutput, checked_input_shape
-from vaelab.models.multiscale_conv1d import conv_out_length, transpose_output_padding
+from vaelab.models.multiscale_conv1d import (
+    conv_block,
+    conv_out_length,
+    transpose_output_padding,
+)
 
 DETERMINISTIC_LOGVAR = -6.0  # log-variance reported for the point-mass posterior (seed 004 floor)
-
-
-def _block(conv: nn.Module, channels: int, dropout: float) -> nn.Sequential:
-    """conv -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout, the layer of the other vaelab convnets."""
-    return nn.Sequential(conv, nn.BatchNorm1d(channels), nn.LeakyReLU(0.2), nn.Dropout(dropout))
 
 
 class VQVAE(nn.Module):
@@ -93,13 +92,13 @@ class VQVAE(nn.Module):
             self.lengths.append(conv_out_length(self.lengths[-1], k, s))
         encoder, decoder = [], []
         for i, (c_in, c_out) in enumerate(zip([n_channels, *widths[:-1]], widths, strict=True)):
-            encoder.append(_block(nn.Conv1d(c_in, c_out, k, s, padding=k // 2), c_out, dropout))
+            encoder.append(conv_block(nn.Conv1d(c_in, c_out, k, s, padding=k // 2), c_out, dropout))
             pad = transpose_output_padding(self.lengths[i + 1], self.lengths[i], k, s)
             deconv = nn.ConvTranspose1d(c_out, c_in, k, s, padding=k // 2, output_padding=pad)
             # The decoder mirrors the encoder layer by layer. Its last layer, back to C channels
             # at T steps, is a plain linear deconvolution: the targets (standardised vitals) are
             # unbounded. No extra full-length head: at T = 745 it would double the step time.
-            decoder.insert(0, deconv if i == 0 else _block(deconv, c_in, dropout))
+            decoder.insert(0, deconv if i == 0 else conv_block(deconv, c_in, dropout))
         self.encoder = nn.Sequential(*encoder)
         self._feature_shape = (widths[-1], self.lengths[-1])
         n_features = widths[-1] * self.lengths[-1]
