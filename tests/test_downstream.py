@@ -39,8 +39,12 @@ def test_a_run_logs_downstream_metrics_and_figures(finished_run):
     # Known generative factors of the synthetic vitals are regressed from mu.
     assert any(name.startswith("eval/factor_r2/") for name in metrics)
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-    assert {"figures/kl_per_dim.png", "figures/collapse_curves.png",
-            "figures/reconstructions.png", "figures/latents_pca.png"} <= figures  # fmt: skip
+    assert {
+        "figures/kl_per_dim.png",
+        "figures/collapse_curves.png",
+        "figures/reconstructions.png",
+        "figures/latents_pca.png",
+    } <= figures
 
 
 def test_the_command_reproduces_the_runs_own_numbers(finished_run):
@@ -57,8 +61,13 @@ def test_the_command_reproduces_the_runs_own_numbers(finished_run):
 
 def test_the_command_names_an_unknown_run(finished_run, tmp_path):
     _, _, root = finished_run
-    command = [sys.executable, "-m", "vaelab.downstream", "run_id=0123456789abcdef",
-               f"paths.output_root={root}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vaelab.downstream",
+        "run_id=0123456789abcdef",
+        f"paths.output_root={root}",
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "0123456789abcdef" in result.stderr and "Traceback" not in result.stderr

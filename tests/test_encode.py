@@ -61,8 +61,13 @@ def run(tmp_path_factory):
     args = {k: cfg.dataset[k] for k in ("n_patients", "seq_len", "missing_rate", "seed")}
     samples = generate_vitals(**args)
     order = np.random.default_rng(1).permutation(len(samples))
-    data = write_h5(tmp / "new.h5", samples.values[order], samples.masks[order], samples.ids[order],
-                    channels=samples.channel_names)  # fmt: skip
+    data = write_h5(
+        tmp / "new.h5",
+        samples.values[order],
+        samples.masks[order],
+        samples.ids[order],
+        channels=samples.channel_names,
+    )
     return SimpleNamespace(
         root=root,
         run_id=found.info.run_id,
@@ -84,8 +89,14 @@ def assert_same_latents(path, expected):
 @pytest.mark.slow
 def test_encoding_a_runs_own_data_by_run_id_gives_back_its_latents(run, tmp_path):
     out = tmp_path / "sub" / "latents.h5"  # a folder that does not exist yet
-    cfg = compose_encode(run.root, f"run_id={run.run_id}", "dataset=h5",
-                         f"dataset.path={run.data}", f"out={out}", "batch_size=5")  # fmt: skip
+    cfg = compose_encode(
+        run.root,
+        f"run_id={run.run_id}",
+        "dataset=h5",
+        f"dataset.path={run.data}",
+        f"out={out}",
+        "batch_size=5",
+    )
     assert encode(cfg) == out
     assert_same_latents(out, run.latents)
     with h5py.File(out) as f:
@@ -96,8 +107,12 @@ def test_encoding_a_runs_own_data_by_run_id_gives_back_its_latents(run, tmp_path
 @pytest.mark.slow
 def test_encoding_by_checkpoint_path_gives_back_the_runs_latents(run, tmp_path):
     out = tmp_path / "latents.h5"
-    cfg = compose_encode(tmp_path / "no_store", f"checkpoint={run.checkpoint}",
-                         f"dataset.path={run.data}", f"out={out}")  # fmt: skip
+    cfg = compose_encode(
+        tmp_path / "no_store",
+        f"checkpoint={run.checkpoint}",
+        f"dataset.path={run.data}",
+        f"out={out}",
+    )
     encode(cfg)
     assert_same_latents(out, run.latents)
     assert not (tmp_path / "no_store").exists()  # no MLflow store is touched
@@ -113,8 +128,12 @@ def test_channels_in_another_order_are_refused(run, tmp_path):
     data = write_h5(
         tmp_path / "swapped.h5", values[..., order], masks[..., order], channels=swapped
     )
-    cfg = compose_encode(run.root, f"checkpoint={run.checkpoint}", f"dataset.path={data}",
-                         f"out={tmp_path / 'latents.h5'}")  # fmt: skip
+    cfg = compose_encode(
+        run.root,
+        f"checkpoint={run.checkpoint}",
+        f"dataset.path={data}",
+        f"out={tmp_path / 'latents.h5'}",
+    )
     with pytest.raises(
         DataError, match=r"vital_index lists \['SBP', 'HR'.*trained on \['HR', 'SBP'"
     ):
@@ -202,24 +221,39 @@ def run_cli(*overrides, cwd, root):
     """`python -m vaelab.encode` as a user runs it, with the store of the run under `root`."""
     return subprocess.run(
         [sys.executable, "-m", "vaelab.encode", f"paths.output_root={root}", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
 def test_cli_writes_latents_and_reports_a_bad_file_without_a_traceback(run, tmp_path):
-    result = run_cli(f"run_id={run.run_id}", "dataset=h5", f"dataset.path={run.data}",
-                     cwd=tmp_path, root=run.root)  # fmt: skip
+    result = run_cli(
+        f"run_id={run.run_id}",
+        "dataset=h5",
+        f"dataset.path={run.data}",
+        cwd=tmp_path,
+        root=run.root,
+    )
     assert result.returncode == 0, result.stderr
     assert_same_latents(tmp_path / "latents.h5", run.latents)  # out: relative to the cwd
     assert f"Wrote 24 samples x latent dim 4 (mu, logvar, ids) of {run.data}" in result.stderr
     assert list(run.root.glob("encode/*/*/encode.log"))  # Hydra's output under output_root
 
     short = write_h5(tmp_path / "short.h5", np.zeros((2, 200, 7), dtype=np.float32))
-    result = run_cli(f"run_id={run.run_id}", f"dataset.path={short}", "out=short_latents.h5",
-                     cwd=tmp_path, root=run.root)  # fmt: skip
+    result = run_cli(
+        f"run_id={run.run_id}",
+        f"dataset.path={short}",
+        "out=short_latents.h5",
+        cwd=tmp_path,
+        root=run.root,
+    )
     assert result.returncode == 1
-    assert (f"{short}: values have samples of shape (200, 7), the model of run {run.run_id} "
-            "was trained on (300, 7)") in result.stderr  # fmt: skip
+    assert (
+        f"{short}: values have samples of shape (200, 7), the model of run {run.run_id} "
+        "was trained on (300, 7)"
+    ) in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "short_latents.h5").exists()

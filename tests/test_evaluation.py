@@ -93,8 +93,9 @@ def test_a_fully_collapsed_latent_skips_only_the_latent_side(caplog):
     with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
         m = cluster_latents(np.full((300, 4), 0.5), inputs, labels)
     assert m["eval/hdbscan_latent_dims"] == 0
-    assert not any(k.startswith("eval/hdbscan_latent_") and k != "eval/hdbscan_latent_dims"
-                   for k in m)  # fmt: skip
+    assert not any(
+        k.startswith("eval/hdbscan_latent_") and k != "eval/hdbscan_latent_dims" for k in m
+    )
     assert m["eval/hdbscan_pca_n_clusters"] == 3
     assert "no active unit" in caplog.text
 
@@ -247,8 +248,9 @@ def test_evaluate_latents_without_labels_or_factors_skips_gracefully(caplog):
     clustering = {k for k in full if k.startswith(("eval/hdbscan", "eval/pca"))}
     assert clustering - {k for k in clustering if k.endswith(("_ari", "_ami"))} <= set(bare)
     assert "eval/anomaly_score_mean" in bare  # the forest fits all training samples
-    assert not any(k.endswith(("_ari", "_ami", "_auc")) or "probe" in k or "factor" in k
-                   for k in bare)  # fmt: skip
+    assert not any(
+        k.endswith(("_ari", "_ami", "_auc")) or "probe" in k or "factor" in k for k in bare
+    )
     assert "no labels" in caplog.text and "no known generative factors" in caplog.text
 
 
@@ -266,8 +268,9 @@ def test_evaluate_latents_skips_a_split_that_is_too_small(caplog):
 def test_evaluate_latents_on_a_handful_of_samples_returns_nothing(caplog):
     mu, split, inputs, labels, factors = full_set()
     with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
-        m = evaluate_latents(mu[:6], split[:6], inputs[:6], labels[:6],
-                             {k: v[:6] for k, v in factors.items()})  # fmt: skip
+        m = evaluate_latents(
+            mu[:6], split[:6], inputs[:6], labels[:6], {k: v[:6] for k, v in factors.items()}
+        )
     assert m == {}
     assert "clustering skipped" in caplog.text
 
@@ -314,8 +317,14 @@ def test_kl_per_dim_plot(tmp_path):
 def test_training_curves_plot(tmp_path):
     epochs = np.arange(12)
     beta = np.minimum(epochs / 5, 1.0) * 0.5
-    path = plot_training_curves(epochs, np.minimum(epochs, 4), np.exp(-epochs / 3), beta,
-                                tmp_path / "sub" / "curves.png", latent_dim=8)  # fmt: skip
+    path = plot_training_curves(
+        epochs,
+        np.minimum(epochs, 4),
+        np.exp(-epochs / 3),
+        beta,
+        tmp_path / "sub" / "curves.png",
+        latent_dim=8,
+    )
     assert path == tmp_path / "sub" / "curves.png"
     assert png_size(path) == (7 * DPI, 5 * DPI)  # the default figsize (7, 5)
     with pytest.raises(ValueError, match="one value per epoch"):
@@ -327,9 +336,17 @@ def test_reconstruction_plots_of_sequences_and_vectors(tmp_path):
     x = rng.standard_normal((3, 50, 2))
     masks = (rng.random(x.shape) > 0.1).astype(np.float32)
     branches = {"local": x + 0.1, "daily": x - 0.1}
-    path = plot_reconstructions(x, x + 0.2, tmp_path / "seq.png", channel_names=["HR", "SBP"],
-                                branches=branches, masks=masks, sample_ids=["P1", "P2", "P3"],
-                                time_label="hour", figsize=(8, 6))  # fmt: skip
+    path = plot_reconstructions(
+        x,
+        x + 0.2,
+        tmp_path / "seq.png",
+        channel_names=["HR", "SBP"],
+        branches=branches,
+        masks=masks,
+        sample_ids=["P1", "P2", "P3"],
+        time_label="hour",
+        figsize=(8, 6),
+    )
     assert png_size(path) == (8 * DPI, 6 * DPI)
     v = rng.standard_normal((2, 30))
     path = plot_reconstructions(v, v * 0.9, tmp_path / "vec.png", figsize=(4, 5))

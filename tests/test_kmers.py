@@ -126,19 +126,26 @@ def test_hand_counted_acgtac():
     expected = Counter(
         {
             # 1-mers A,C,G,T,A,C: A = A+T = 3, C = C+G = 3
-            "A": 3, "C": 3,
+            "A": 3,
+            "C": 3,
             # AC, CG, GT(=AC), TA, AC
-            "AC": 3, "CG": 1, "TA": 1,
+            "AC": 3,
+            "CG": 1,
+            "TA": 1,
             # ACG, CGT(=ACG), GTA, TAC(=GTA)
-            "ACG": 2, "GTA": 2,
+            "ACG": 2,
+            "GTA": 2,
             # ACGT (palindrome), CGTA (= TACG, canonical CGTA), GTAC (palindrome)
-            "ACGT": 1, "CGTA": 1, "GTAC": 1,
+            "ACGT": 1,
+            "CGTA": 1,
+            "GTAC": 1,
             # ACGTA (rc TACGT), CGTAC (rc GTACG)
-            "ACGTA": 1, "CGTAC": 1,
+            "ACGTA": 1,
+            "CGTAC": 1,
             # ACGTAC (rc GTACGT)
             "ACGTAC": 1,
         }
-    )  # fmt: skip
+    )
     assert skipped == 0
     assert {FEATURE_NAMES[i]: int(c) for i, c in enumerate(counts) if c} == dict(expected)
 
@@ -458,10 +465,14 @@ def test_hydra_composes_kmers_and_splits_a_single_genome(compose_config):
             prepare(samples, 0.15, 0.15, seed=0)
         by_window = instantiate(
             compose_config(
-                ["dataset=kmers", f"dataset.fasta='{ECOLI}'", "dataset.window=20000",
-                 "dataset.group_by=window"]
+                [
+                    "dataset=kmers",
+                    f"dataset.fasta='{ECOLI}'",
+                    "dataset.window=20000",
+                    "dataset.group_by=window",
+                ]
             ).dataset
-        )  # fmt: skip
+        )
     data = prepare(by_window, 0.15, 0.15, seed=0)
     assert len(data.indices("train")) + len(data.indices("val")) + len(data.indices("test")) == 43
 

@@ -146,9 +146,14 @@ def test_dip_covariance_is_float32_for_half_inputs():
 
 @pytest.mark.parametrize(
     ("cls", "key"),
-    [(CapacityLoss, "gamma"), (CapacityLoss, "capacity_max"), (DipVaeLoss, "lambda_od"),
-     (DipVaeLoss, "lambda_annealing_epochs"), (VQLoss, "commitment_cost")],
-)  # fmt: skip
+    [
+        (CapacityLoss, "gamma"),
+        (CapacityLoss, "capacity_max"),
+        (DipVaeLoss, "lambda_od"),
+        (DipVaeLoss, "lambda_annealing_epochs"),
+        (VQLoss, "commitment_cost"),
+    ],
+)
 def test_bad_settings_name_the_key(cls, key):
     with pytest.raises(ConfigError, match=f"loss.{key}"):
         cls(**{key: -1.0})
@@ -283,8 +288,15 @@ def test_one_step_changes_encoder_decoder_and_codebook_but_eval_does_not():
     terms.total.backward()
     optimizer.step()
     after = model.state_dict()
-    for name in ("encoder.0.0.weight", "to_codes.weight", "from_codes.0.weight",
-                 "decoder.0.0.weight", "decoder.1.weight", "codebook", "ema_count"):  # fmt: skip
+    for name in (
+        "encoder.0.0.weight",
+        "to_codes.weight",
+        "from_codes.0.weight",
+        "decoder.0.0.weight",
+        "decoder.1.weight",
+        "codebook",
+        "ema_count",
+    ):
         assert not torch.equal(before[name], after[name]), name
     assert "codebook" not in dict(model.named_parameters())  # EMA, not the optimiser
 

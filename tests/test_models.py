@@ -82,9 +82,13 @@ def test_multiscale_decoder_polyphase_equals_conv_transpose1d(n_steps: int) -> N
             deconv = block[0]
             x = torch.randn(2, deconv.in_channels, length, requires_grad=True)
             expected = F.conv_transpose1d(
-                x, deconv.weight, deconv.bias, deconv.stride, deconv.padding,
+                x,
+                deconv.weight,
+                deconv.bias,
+                deconv.stride,
+                deconv.padding,
                 deconv.output_padding,
-            )  # fmt: skip
+            )
             got = deconv(x)
             assert got.shape == expected.shape, name
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

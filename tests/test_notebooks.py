@@ -28,7 +28,11 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (base / "done").exists():
         base.mkdir(exist_ok=True)
         command = [
-            sys.executable, "-m", "vaelab.train", "--multirun", "hparams_search=quick",
+            sys.executable,
+            "-m",
+            "vaelab.train",
+            "--multirun",
+            "hparams_search=quick",
             *TINY_MULTISCALE,
             f"paths.output_root={root}",
             f"hydra.sweeper.study_name={STUDY}",
@@ -36,7 +40,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"hydra.sweeper.n_trials={N_TRIALS}",
             "sweep/pruner=none",
             "sweep.kl_threshold=0.0",  # every trial feasible: the report shows a best trial
-        ]  # fmt: skip
+        ]
         result = subprocess.run(command, cwd=base, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         (base / "done").touch()
@@ -78,9 +82,11 @@ def sweep_runs(uri: str) -> tuple[mlflow.MlflowClient, object, list]:
     client = mlflow.MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     [parent] = client.search_runs(experiments, "tags.`sweep.role` = 'parent'")
-    children = client.search_runs(experiments,
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                                  order_by=["attributes.start_time ASC"])  # fmt: skip
+    children = client.search_runs(
+        experiments,
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
     return client, parent, children
 
 
@@ -90,8 +96,11 @@ def outputs(nb: nbformat.NotebookNode) -> list[dict]:
 
 def summary_of(nb: nbformat.NotebookNode) -> dict:
     """The summary record the notebook's last cell displays as application/json."""
-    records = [o["data"]["application/json"] for o in outputs(nb)
-               if "application/json" in o.get("data", {})]  # fmt: skip
+    records = [
+        o["data"]["application/json"]
+        for o in outputs(nb)
+        if "application/json" in o.get("data", {})
+    ]
     assert records, "the notebook displayed no summary"
     return records[-1]
 
@@ -123,8 +132,9 @@ def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell():
 @pytest.mark.slow
 def test_sweep_report_runs_on_a_tiny_sweep(sweep_root, kernel_specs, tmp_path):
     uri = f"sqlite:///{sweep_root}/mlflow.db"
-    nb = execute("sweep_report.ipynb", {"TRACKING_URI": uri, "STUDY": STUDY}, kernel_specs,
-                 tmp_path)  # fmt: skip
+    nb = execute(
+        "sweep_report.ipynb", {"TRACKING_URI": uri, "STUDY": STUDY}, kernel_specs, tmp_path
+    )
     # AU per setting, KL vs AU, the best trial's history, its reconstructions
     assert_ran_with_figures(nb, at_least=4)
     summary = summary_of(nb)
@@ -156,9 +166,12 @@ def test_latent_explorer_opens_the_newest_run_or_a_local_file(sweep_root, kernel
     assert summary["n_clusters"] >= 0 and 0.0 <= summary["noise_fraction"] <= 1.0
 
     # A local file, with no store at all behind it
-    local = execute("latent_explorer.ipynb",
-                    {"TRACKING_URI": "sqlite:///nowhere/mlflow.db", "LATENTS_PATH": latents},
-                    kernel_specs, tmp_path)  # fmt: skip
+    local = execute(
+        "latent_explorer.ipynb",
+        {"TRACKING_URI": "sqlite:///nowhere/mlflow.db", "LATENTS_PATH": latents},
+        kernel_specs,
+        tmp_path,
+    )
     assert_ran_with_figures(local, at_least=3)
     from_file = summary_of(local)
     assert from_file["run_id"] is None and from_file["source"] == str(Path(latents).resolve())

@@ -19,10 +19,20 @@ from vaelab.models.mlp import MLPVAE
 from vaelab.train import train
 
 EPOCH_METRICS = [
-    "val/loss", "val/recon", "val/kl", "val/kl_constrained", "val/active_units", "val/mi",
-    "val/mu_var_mean", "val/logvar_mean", "val/recon_z0", "schedule/beta", "train/loss",
-    "perf/epoch_seconds", "perf/samples_per_second",
-]  # fmt: skip
+    "val/loss",
+    "val/recon",
+    "val/kl",
+    "val/kl_constrained",
+    "val/active_units",
+    "val/mi",
+    "val/mu_var_mean",
+    "val/logvar_mean",
+    "val/recon_z0",
+    "schedule/beta",
+    "train/loss",
+    "perf/epoch_seconds",
+    "perf/samples_per_second",
+]
 
 
 def only_run(tracking_uri):
@@ -114,9 +124,13 @@ def test_a_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(
 ):
     # 24 patients -> 16 train, batch 8: two steps per epoch; epoch 0 is healthy.
     cfg = compose_config(
-        [*TINY_MLP, "trainer.epochs=3",
-         "model._target_=test_train.NaNAfterFirstEpoch", "+model.healthy_steps=2"]
-    )  # fmt: skip
+        [
+            *TINY_MLP,
+            "trainer.epochs=3",
+            "model._target_=test_train.NaNAfterFirstEpoch",
+            "+model.healthy_steps=2",
+        ]
+    )
     with execution_whitelist(["test_train.NaNAfterFirstEpoch"]):
         with pytest.raises(DivergenceError, match="training loss became nan at epoch 1"):
             train(cfg, tmp_path / "run")
@@ -166,8 +180,11 @@ def run_cli(*overrides, cwd):
     """`python -m vaelab.train` as a user runs it, writing under cwd."""
     return subprocess.run(
         [sys.executable, "-m", "vaelab.train", f"paths.output_root={cwd}/multirun", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow

@@ -55,8 +55,9 @@ def wait_until_up(server: subprocess.Popen, port: int, log: Path, timeout: float
                 if response.status == 200:
                     return
         time.sleep(0.5)
-    pytest.fail(f"no answer on 127.0.0.1:{port}/health after {timeout:.0f} s:\n"
-                f"{log.read_text()[-3000:]}")  # fmt: skip
+    pytest.fail(
+        f"no answer on 127.0.0.1:{port}/health after {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+    )
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -89,16 +90,23 @@ def test_make_ui_serves_the_sweep_on_loopback_only(tmp_path_factory, tmp_path):
     port = free_port()
     command = [*MAKE_UI, f"OUT={root}", f"PORT={port}"]
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    dry_run = subprocess.run(["make", "-n", *command[1:]], cwd=REPO, env=env, capture_output=True,
-                             text=True, check=True)  # fmt: skip
+    dry_run = subprocess.run(
+        ["make", "-n", *command[1:]], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
     [line] = dry_run.stdout.strip().splitlines()  # the server and nothing else (no install)
     assert "mlflow ui" in line and f"sqlite:///{root}/mlflow.db" in line
     assert f"--host 127.0.0.1 --port {port}" in line
 
     log = tmp_path / "ui.log"
     with open(log, "w") as output:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        server = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     members: list[psutil.Process] = []
     try:
         wait_until_up(server, port, log, timeout=90)  # ~15 s on 2 busy cores: 4 workers start
@@ -123,17 +131,25 @@ def test_make_ui_serves_the_sweep_on_loopback_only(tmp_path_factory, tmp_path):
             ]
         ]
         search = "/api/2.0/mlflow/runs/search"
-        parents = api(port, search, {
-            "experiment_ids": experiments,
-            "filter": f"tags.`sweep.role` = 'parent' and tags.`sweep.study_name` = '{STUDY}'",
-        }).get("runs", [])  # fmt: skip
+        parents = api(
+            port,
+            search,
+            {
+                "experiment_ids": experiments,
+                "filter": f"tags.`sweep.role` = 'parent' and tags.`sweep.study_name` = '{STUDY}'",
+            },
+        ).get("runs", [])
         assert len(parents) == 1
         parent = parents[0]["info"]
-        children = api(port, search, {
-            "experiment_ids": [parent["experiment_id"]],
-            "filter": f"tags.mlflow.parentRunId = '{parent['run_id']}'",
-            "max_results": 100,
-        }).get("runs", [])  # fmt: skip
+        children = api(
+            port,
+            search,
+            {
+                "experiment_ids": [parent["experiment_id"]],
+                "filter": f"tags.mlflow.parentRunId = '{parent['run_id']}'",
+                "max_results": 100,
+            },
+        ).get("runs", [])
         assert len(children) == N_TRIALS
         assert all(tag(c, "trial_state") == "COMPLETE" for c in children)
         assert sorted(int(tag(c, "sweep.trial_number")) for c in children) == list(range(N_TRIALS))

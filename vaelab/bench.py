@@ -56,9 +56,17 @@ LOOP_PATIENTS, LOOP_EPOCHS = 200, 3
 # Part (e): every model at its experiment's data shape, batch size, loss and schedule. Only the
 # number of generated samples is cut (the shape of one sample is what a step costs).
 EXPERIMENTS = (
-    "multiscale_vitals", "quick", "lstm_vitals_baseline", "conv_lstm_vitals", "vqvae_vitals",
-    "kmer_mlp", "mri3d_baseline", "mri3d_dipvae", "digits", "mnist1d",
-)  # fmt: skip
+    "multiscale_vitals",
+    "quick",
+    "lstm_vitals_baseline",
+    "conv_lstm_vitals",
+    "vqvae_vitals",
+    "kmer_mlp",
+    "mri3d_baseline",
+    "mri3d_dipvae",
+    "digits",
+    "mnist1d",
+)
 FEW_SAMPLES = {"n_patients": 8, "n_subjects": 6, "n_samples": 200}
 
 
@@ -358,10 +366,14 @@ def every_model() -> dict[str, dict[str, object]]:
             figures[name] = experiment_step_speed(compose_experiment(name, Path(tmp)))
             log.info(
                 "  %-22s %-20s %-12s batch %-4d %9d params  %7.3f s/step  %8.1f samples/s",
-                name, figures[name]["model"], figures[name]["shape"], figures[name]["batch"],
-                figures[name]["parameters"], figures[name]["step"],
+                name,
+                figures[name]["model"],
+                figures[name]["shape"],
+                figures[name]["batch"],
+                figures[name]["parameters"],
+                figures[name]["step"],
                 figures[name]["samples_per_second"],
-            )  # fmt: skip
+            )
     return figures
 
 
@@ -381,8 +393,11 @@ def summary(
         ("load average start / end", f"{loads[0]:.2f} / {loads[1]:.2f}", "1-minute"),
         ("torch threads, version", f"{info['torch threads']}, {info['torch']}", info["CPU"]),
         ("matmul peak (float32)", f"{peak_rate:.1f} GFLOP/s", f"torch.mm, n={peak_n}"),
-        ("train step, batch 64", f"{samples_per_second:.1f} samples/s",
-         f"reference ~{REFERENCE_SAMPLES_PER_SECOND:.0f} samples/s"),
+        (
+            "train step, batch 64",
+            f"{samples_per_second:.1f} samples/s",
+            f"reference ~{REFERENCE_SAMPLES_PER_SECOND:.0f} samples/s",
+        ),
         ("  median step", f"{step['median']:.3f} s", f"best {step['best']:.3f} s"),
         ("  over torch.nn layers", f"{step['speedup']:.2f}x", "same model, same machine"),
         ("FLOPs per train step", f"{step['flops'] / 1e9:.2f} GFLOP", "FlopCounterMode, fwd+bwd"),
@@ -391,9 +406,12 @@ def summary(
         ("epoch, vaelab.train", f"{loop['full']:.2f} s", "perf/epoch_seconds, epochs 1+"),
         ("epoch, bare loop", f"{loop['bare']:.2f} s", "same train steps, epochs 1+"),
         ("loop overhead", f"{100 * loop['overhead']:.0f}%", "validation, logging, checkpoints"),
-        ("other processes' load", f"{step['other_cores']:.2f} / {loop['other_cores']:.2f} cores",
-         "during (c) / (d)"),
-    ]  # fmt: skip
+        (
+            "other processes' load",
+            f"{step['other_cores']:.2f} / {loop['other_cores']:.2f} cores",
+            "during (c) / (d)",
+        ),
+    ]
 
 
 def configure_logging() -> None:
@@ -424,24 +442,34 @@ def main() -> None:
     log.info(
         "(c) train step at batch %d: median %.3f s (best %.3f s) = %.1f samples/s, "
         "%.2f GFLOP per step = %.1f GFLOP/s; other processes used %.2f cores meanwhile",
-        BATCH_SIZE, step["median"], step["best"], BATCH_SIZE / step["median"],
-        step["flops"] / 1e9, step["flops"] / step["median"] / 1e9, step["other_cores"],
-    )  # fmt: skip
+        BATCH_SIZE,
+        step["median"],
+        step["best"],
+        BATCH_SIZE / step["median"],
+        step["flops"] / 1e9,
+        step["flops"] / step["median"] / 1e9,
+        step["other_cores"],
+    )
     stock = step_speed(stock_layers=True)
     step["speedup"] = stock["median"] / step["median"]
     log.info(
         "    the same model with torch.nn's ConvTranspose1d and Dropout: median %.3f s "
         "= %.1f samples/s; vaelab's layers are %.2fx faster",
-        stock["median"], BATCH_SIZE / stock["median"], step["speedup"],
-    )  # fmt: skip
+        stock["median"],
+        BATCH_SIZE / stock["median"],
+        step["speedup"],
+    )
 
     loop = loop_overhead()
     log.info(
         "(d) %d patients, %d epochs: vaelab.train %s s per epoch (%.1f s in all), "
         "bare loop %s s per epoch",
-        LOOP_PATIENTS, LOOP_EPOCHS, [round(s, 2) for s in loop["epochs_full"]],
-        loop["train_seconds"], [round(s, 2) for s in loop["epochs_bare"]],
-    )  # fmt: skip
+        LOOP_PATIENTS,
+        LOOP_EPOCHS,
+        [round(s, 2) for s in loop["epochs_full"]],
+        loop["train_seconds"],
+        [round(s, 2) for s in loop["epochs_bare"]],
+    )
 
     log.info("(e) every experiment's train step on its own data shape (median of 6)")
     every_model()

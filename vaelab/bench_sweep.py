@@ -25,18 +25,29 @@ from vaelab.trial import open_storage
 log = logging.getLogger(__name__)
 
 NOTHING_TRIAL = [
-    "model=mlp", "model.hidden_dims=[8]", "dataset.n_patients=12", "dataset.seq_len=16",
-    "trainer.epochs=1", "trainer.batch_size=4", "sweep/pruner=none",
-]  # fmt: skip
+    "model=mlp",
+    "model.hidden_dims=[8]",
+    "dataset.n_patients=12",
+    "dataset.seq_len=16",
+    "trainer.epochs=1",
+    "trainer.batch_size=4",
+    "sweep/pruner=none",
+]
 
 
 def run_sweep(root: Path, study: str, overrides: list[str]) -> float:
     """Wall seconds of one `python -m vaelab.train --multirun` sweep writing under root."""
     command = [
-        sys.executable, "-m", "vaelab.train", "--multirun", "hparams_search=quick",
-        f"paths.output_root={root}", f"hydra.sweeper.study_name={study}",
-        f"hydra.sweeper.storage={root}/optuna/{study}.journal", *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vaelab.train",
+        "--multirun",
+        "hparams_search=quick",
+        f"paths.output_root={root}",
+        f"hydra.sweeper.study_name={study}",
+        f"hydra.sweeper.storage={root}/optuna/{study}.journal",
+        *overrides,
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -79,8 +90,12 @@ def bench_pruning(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
     figures = {}
     for pruner in ("median", "none"):
         study = f"prune_{pruner}"
-        overrides = ["experiment=quick", f"sweep/pruner={pruner}", f"trainer.epochs={epochs}",
-                     f"hydra.sweeper.n_trials={n_trials}"]  # fmt: skip
+        overrides = [
+            "experiment=quick",
+            f"sweep/pruner={pruner}",
+            f"trainer.epochs={epochs}",
+            f"hydra.sweeper.n_trials={n_trials}",
+        ]
         seconds = run_sweep(root, study, overrides)
         trials = study_trials(root, study)
         figures[f"{pruner}: wall (s)"] = seconds
@@ -91,8 +106,12 @@ def bench_pruning(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
 
 def bench_parallel(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
     """Trials per minute, one at a time against two joblib workers sharing the cores."""
-    common = ["experiment=quick", "sweep/pruner=none", f"trainer.epochs={epochs}",
-              f"hydra.sweeper.n_trials={n_trials}"]  # fmt: skip
+    common = [
+        "experiment=quick",
+        "sweep/pruner=none",
+        f"trainer.epochs={epochs}",
+        f"hydra.sweeper.n_trials={n_trials}",
+    ]
     serial = run_sweep(root, "serial", common)
     two_workers = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
     parallel = run_sweep(root, "parallel", [*common, *two_workers])
@@ -121,10 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
         root = Path(tmp)
         report("Sweep machinery (trials that do almost nothing)", bench_overhead(root, args.trials))
-        report(f"Quick sweep, {args.trials} trials x {args.epochs} epochs: pruning",
-               bench_pruning(root, args.trials, args.epochs))  # fmt: skip
-        report(f"Quick sweep, {args.trials} trials x {args.epochs} epochs: parallel trials",
-               bench_parallel(root, args.trials, args.epochs))  # fmt: skip
+        report(
+            f"Quick sweep, {args.trials} trials x {args.epochs} epochs: pruning",
+            bench_pruning(root, args.trials, args.epochs),
+        )
+        report(
+            f"Quick sweep, {args.trials} trials x {args.epochs} epochs: parallel trials",
+            bench_parallel(root, args.trials, args.epochs),
+        )
     log.info("load average at end: %s", os.getloadavg())
 
 

@@ -45,8 +45,15 @@ def report_run(
 ) -> dict[str, float]:
     """Log `eval/*` metrics and `figures/*.png` of a trained model to its run; return them."""
     samples = data.sampleset
-    metrics = evaluate_latents(mu, data.split, data.values.numpy(), samples.labels,
-                               samples.factors, seed=seed, normal_label=normal_label)  # fmt: skip
+    metrics = evaluate_latents(
+        mu,
+        data.split,
+        data.values.numpy(),
+        samples.labels,
+        samples.factors,
+        seed=seed,
+        normal_label=normal_label,
+    )
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
@@ -69,19 +76,26 @@ def report_run(
         with torch.no_grad():
             out = model(data.values[index].to(device))
         plots.plot_reconstructions(
-            data.values[index].numpy(), out.recon.cpu().numpy(), figures / "reconstructions.png",
+            data.values[index].numpy(),
+            out.recon.cpu().numpy(),
+            figures / "reconstructions.png",
             channel_names=samples.channel_names,
             branches={name: b.cpu().numpy() for name, b in out.branches.items()},
-            masks=data.masks[index].numpy(), sample_ids=samples.ids[index.numpy()],
-        )  # fmt: skip
+            masks=data.masks[index].numpy(),
+            sample_ids=samples.ids[index.numpy()],
+        )
     plots.plot_latent_projection(mu, figures / "latents_pca.png", labels=samples.labels)
     for name, factor in samples.factors.items():
         if np.issubdtype(np.asarray(factor).dtype, np.number):
-            plots.plot_latent_projection(mu, figures / f"latents_pca_{name}.png", factor=factor,
-                                         factor_name=name)  # fmt: skip
+            plots.plot_latent_projection(
+                mu, figures / f"latents_pca_{name}.png", factor=factor, factor_name=name
+            )
     client.log_artifacts(run_id, str(figures), artifact_path="figures")
-    log.info("Downstream evaluation of run %s: %s", run_id,
-             ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))  # fmt: skip
+    log.info(
+        "Downstream evaluation of run %s: %s",
+        run_id,
+        ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()),
+    )
     return metrics
 
 
@@ -101,8 +115,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, float]:
         checkpoint = download_checkpoint(cfg.run_id, cfg.tracking.uri, tmp_dir)
         loaded = load_checkpoint(checkpoint, device)
         saved = OmegaConf.create(loaded.config)
-        data = prepare(build(saved.dataset), saved.split.val_fraction, saved.split.test_fraction,
-                       saved.seed)  # fmt: skip
+        data = prepare(
+            build(saved.dataset), saved.split.val_fraction, saved.split.test_fraction, saved.seed
+        )
         latents = Path(client.download_artifacts(cfg.run_id, "latents.h5", str(tmp_dir)))
         with h5py.File(latents) as f:
             mu, logvar = f["mu"][:], f["logvar"][:]
@@ -117,12 +132,23 @@ def evaluate_run(cfg: DictConfig) -> dict[str, float]:
         )
         if not kl_per_dim:
             kl_per_dim = (0.5 * (mu**2 + np.exp(logvar) - 1 - logvar)).mean(axis=0)
-        return report_run(client, cfg.run_id, loaded.model, data, mu, np.asarray(kl_per_dim),
-                          tmp_dir, device, int(saved.seed), cfg.normal_label)  # fmt: skip
+        return report_run(
+            client,
+            cfg.run_id,
+            loaded.model,
+            data,
+            mu,
+            np.asarray(kl_per_dim),
+            tmp_dir,
+            device,
+            int(saved.seed),
+            cfg.normal_label,
+        )
 
 
-@hydra.main(config_path="../conf", config_name="evaluate",
-            execution_whitelist=list(TRUSTED_TARGETS))  # fmt: skip
+@hydra.main(
+    config_path="../conf", config_name="evaluate", execution_whitelist=list(TRUSTED_TARGETS)
+)
 def main(cfg: DictConfig) -> None:
     """`python -m vaelab.downstream run_id=...`: one message and exit 1 on bad input."""
     try:

@@ -76,8 +76,13 @@ def encode(cfg: DictConfig) -> Path:
             if not path.is_file():
                 raise ConfigError(f"checkpoint={cfg.checkpoint}: file not found")
             loaded = _load(path, origin, device)
-        log.info("Loaded the model of %s (epoch %d, input %s, latent dim %d)", origin,
-                 loaded.epoch, loaded.input_shape, loaded.model.latent_dim)  # fmt: skip
+        log.info(
+            "Loaded the model of %s (epoch %d, input %s, latent dim %d)",
+            origin,
+            loaded.epoch,
+            loaded.input_shape,
+            loaded.model.latent_dim,
+        )
 
         # --- the new samples, checked against the model, through the saved normaliser -----
         log.info("Instantiating dataset <%s>", cfg.dataset._target_)
@@ -98,8 +103,13 @@ def encode(cfg: DictConfig) -> Path:
 
         mu, logvar = encode_all(loaded.model, values, cfg.batch_size, device)
         write_encoded(out, mu, logvar, samples.ids, source=samples.source, origin=origin)
-        log.info("Wrote %d samples x latent dim %d (mu, logvar, ids) of %s to %s",
-                 mu.shape[0], mu.shape[1], samples.source, out)  # fmt: skip
+        log.info(
+            "Wrote %d samples x latent dim %d (mu, logvar, ids) of %s to %s",
+            mu.shape[0],
+            mu.shape[1],
+            samples.source,
+            out,
+        )
         return out
 
 
@@ -134,8 +144,14 @@ def _load(path: Path, origin: str, device: torch.device) -> LoadedModel:
     """load_checkpoint, turning a file that is not a vaelab checkpoint into one message."""
     try:
         return load_checkpoint(path, device)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, InstantiationException,
-            OSError) as err:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        InstantiationException,
+        OSError,
+    ) as err:
         # torch.load(weights_only=True) refuses pickled code with UnpicklingError; a torn or
         # foreign file gives one of the others. The traceback stays in the log at DEBUG.
         log.debug("load_checkpoint failed", exc_info=True)

@@ -121,8 +121,9 @@ def cluster_latents(
         latent = StandardScaler().fit_transform(mu[:, active])
         metrics.update(_hdbscan_metrics(latent, labels, "eval/hdbscan_latent"))
     else:
-        log.info("HDBSCAN on the latents skipped: no active unit (Var(mu) >= %g)",
-                 ACTIVE_UNIT_THRESHOLD)  # fmt: skip
+        log.info(
+            "HDBSCAN on the latents skipped: no active unit (Var(mu) >= %g)", ACTIVE_UNIT_THRESHOLD
+        )
 
     n_components = min(mu.shape[1], *inputs_flat.shape)
     pca = PCA(n_components=n_components, random_state=seed)
@@ -278,8 +279,12 @@ def evaluate_latents(
     if train.sum() < MIN_TRAIN_SAMPLES or test.sum() < MIN_TEST_SAMPLES:
         log.info(
             "probe, anomaly and factor evaluations skipped: %d train / %d test samples, "
-            "need %d / %d", train.sum(), test.sum(), MIN_TRAIN_SAMPLES, MIN_TEST_SAMPLES
-        )  # fmt: skip
+            "need %d / %d",
+            train.sum(),
+            test.sum(),
+            MIN_TRAIN_SAMPLES,
+            MIN_TEST_SAMPLES,
+        )
         return metrics
 
     if labels is None:
@@ -292,17 +297,26 @@ def evaluate_latents(
             log.info("linear probe skipped: one class only in the training split")
         n_normal = int((labels[train] == normal_label).sum())
         if n_normal >= MIN_TRAIN_SAMPLES:
-            metrics.update(anomaly_scores(mu[train], mu[test], labels[train], labels[test],
-                                          normal_label, seed))  # fmt: skip
+            metrics.update(
+                anomaly_scores(mu[train], mu[test], labels[train], labels[test], normal_label, seed)
+            )
         else:
-            log.info("anomaly detection skipped: %d training samples of the normal class %r, "
-                     "need %d", n_normal, normal_label, MIN_TRAIN_SAMPLES)  # fmt: skip
+            log.info(
+                "anomaly detection skipped: %d training samples of the normal class %r, need %d",
+                n_normal,
+                normal_label,
+                MIN_TRAIN_SAMPLES,
+            )
 
     if factors:
         metrics.update(
-            factor_r2(mu[train], {k: np.asarray(v)[train] for k, v in factors.items()},
-                      mu[test], {k: np.asarray(v)[test] for k, v in factors.items()})
-        )  # fmt: skip
+            factor_r2(
+                mu[train],
+                {k: np.asarray(v)[train] for k, v in factors.items()},
+                mu[test],
+                {k: np.asarray(v)[test] for k, v in factors.items()},
+            )
+        )
     else:
         log.info("factor R² skipped: the data set has no known generative factors")
     return metrics

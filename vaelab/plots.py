@@ -62,15 +62,21 @@ def plot_kl_per_dim(
     for bar, is_below in zip(bars, below, strict=True):
         if is_below:
             bar.set_hatch("//")
-    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1,
-               label=f"{threshold:g} nats (seed 000 threshold)")  # fmt: skip
+    ax.axhline(
+        threshold,
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"{threshold:g} nats (seed 000 threshold)",
+    )
     few = len(kl) <= 32
     ticks = [str(d) for d in order]
     ax.set_xticks(np.arange(len(kl)), ticks, fontsize=8 if few else 6, rotation=0 if few else 90)
     ax.set_xlabel("latent dimension" + (" (sorted by KL)" if sort else ""))
     ax.set_ylabel("KL (nats per sample)")
-    ax.set_title(f"KL per latent dimension: {int((~below).sum())} of {len(kl)} "
-                 f"≥ {threshold:g} nats")  # fmt: skip
+    ax.set_title(
+        f"KL per latent dimension: {int((~below).sum())} of {len(kl)} ≥ {threshold:g} nats"
+    )
     ax.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
 
@@ -105,15 +111,25 @@ def plot_training_curves(
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(epochs, au, marker="o", markersize=3, color="tab:blue", label="active units")
     if latent_dim is not None:
-        top.axhline(latent_dim, color="tab:blue", linestyle=":", linewidth=1,
-                    label=f"latent dim ({latent_dim})")  # fmt: skip
+        top.axhline(
+            latent_dim,
+            color="tab:blue",
+            linestyle=":",
+            linewidth=1,
+            label=f"latent dim ({latent_dim})",
+        )
     top.set_ylabel("active units (count)")
     top.set_ylim(bottom=0)
     top.legend(loc="upper left", fontsize=8)
     top.set_title("Collapse during training (validation split), β schedule shaded")
     bottom.plot(epochs, kl, marker="o", markersize=3, color="tab:orange", label="KL")
-    bottom.axhline(KL_DIM_THRESHOLD, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"{KL_DIM_THRESHOLD:g} nats (seed 000 threshold)")  # fmt: skip
+    bottom.axhline(
+        KL_DIM_THRESHOLD,
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"{KL_DIM_THRESHOLD:g} nats (seed 000 threshold)",
+    )
     bottom.set_ylabel("raw KL (nats per sample)")
     bottom.set_xlabel("epoch")
     bottom.legend(loc="upper left", fontsize=8)

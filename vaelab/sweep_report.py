@@ -42,7 +42,7 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
                 "val_kl": t.user_attrs.get(KL),
             }
             for t in feasible
-        ],  # fmt: skip
+        ],
     }
     if len(study.directions) == 1:
         best = study.best_trial if feasible else None  # Optuna: best among feasible trials
@@ -54,7 +54,7 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
                 "value": best.value,
                 "params": best.params,
                 "user_attrs": dict(best.user_attrs),
-            }  # fmt: skip
+            }
         )
     else:
         summary["pareto_front"] = [
@@ -73,8 +73,9 @@ def plot_sweep(study: optuna.Study, out_dir: Path) -> list[Path]:
     colours = ["tab:blue" if is_feasible(t) else "tab:red" for t in trials]
     paths = []
 
-    fig, axes = plt.subplots(1, max(len(params), 1), figsize=(4 * max(len(params), 1), 3.5),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, max(len(params), 1), figsize=(4 * max(len(params), 1), 3.5), squeeze=False
+    )
     for ax, name in zip(axes[0], params, strict=True):
         xs = [t.params.get(name) for t in trials]
         ys = [t.user_attrs[AU] for t in trials]
@@ -90,8 +91,11 @@ def plot_sweep(study: optuna.Study, out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter([t.user_attrs.get(KL, float("nan")) for t in trials],
-               [t.user_attrs[AU] for t in trials], c=colours)  # fmt: skip
+    ax.scatter(
+        [t.user_attrs.get(KL, float("nan")) for t in trials],
+        [t.user_attrs[AU] for t in trials],
+        c=colours,
+    )
     threshold = [t.user_attrs.get(KL, 0) + t.user_attrs.get("constraint_kl", 0) for t in trials]
     ax.axvline(threshold[0], color="grey", linestyle="--", label="sweep.kl_threshold")
     ax.set_xscale("symlog", linthresh=0.01)
@@ -106,15 +110,23 @@ def plot_sweep(study: optuna.Study, out_dir: Path) -> list[Path]:
 
     ordered = sorted(trials, key=lambda t: t.number)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter([t.number for t in ordered], [t.user_attrs[AU] for t in ordered],
-               c=["tab:blue" if is_feasible(t) else "tab:red" for t in ordered])  # fmt: skip
+    ax.scatter(
+        [t.number for t in ordered],
+        [t.user_attrs[AU] for t in ordered],
+        c=["tab:blue" if is_feasible(t) else "tab:red" for t in ordered],
+    )
     best_so_far, running = [], float("-inf")
     for t in ordered:
         if is_feasible(t) and t.state == TrialState.COMPLETE:
             running = max(running, t.user_attrs[AU])
         best_so_far.append(running if running > float("-inf") else float("nan"))
-    ax.step([t.number for t in ordered], best_so_far, where="post", color="black",
-            label="best feasible so far")  # fmt: skip
+    ax.step(
+        [t.number for t in ordered],
+        best_so_far,
+        where="post",
+        color="black",
+        label="best feasible so far",
+    )
     ax.set_xlabel("trial")
     ax.set_ylabel("validation active units")
     ax.legend()
@@ -160,17 +172,29 @@ def report_sweep(
     log.info("Sweep %r: %s", study.study_name, summary["trials"])
     if "best" in summary:
         if best:
-            log.info("Best feasible trial %d: value %s, params %s", best["number"], best["value"],
-                     best["params"])  # fmt: skip
+            log.info(
+                "Best feasible trial %d: value %s, params %s",
+                best["number"],
+                best["value"],
+                best["params"],
+            )
         else:
             log.info("No feasible trial: every completed trial's KL fell below the threshold")
     else:
         for t in summary["pareto_front"]:
             log.info("Pareto trial %d: values %s, params %s", t["number"], t["values"], t["params"])
     for t in summary["feasible"]:
-        log.info("  feasible trial %d: values %s, KL %.3g nats, params %s", t["number"],
-                 t["values"], t["val_kl"] or float("nan"), t["params"])  # fmt: skip
+        log.info(
+            "  feasible trial %d: values %s, KL %.3g nats, params %s",
+            t["number"],
+            t["values"],
+            t["val_kl"] or float("nan"),
+            t["params"],
+        )
     log.info("Results: %s (plots in %s); Optuna storage %s", results, sweep_dir / "plots", storage)
-    log.info("MLflow parent run %s at %s: open it with `make ui`; the study with `make dashboard`",
-             parent_run_id, tracker.uri)  # fmt: skip
+    log.info(
+        "MLflow parent run %s at %s: open it with `make ui`; the study with `make dashboard`",
+        parent_run_id,
+        tracker.uri,
+    )
     return summary

@@ -91,9 +91,16 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
             _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
         )
         super().__init__(
-            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-            custom_search_space, params,
-        )  # fmt: skip
+            sampler,
+            direction,
+            storage,
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+            custom_search_space,
+            params,
+        )
         self.stale_after_seconds = stale_after_seconds
 
     def sweep(self, arguments: list[str]) -> None:
@@ -105,8 +112,11 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         )
         for name in fixed_params:
             if search_space.pop(name, None) is not None:
-                log.warning("%s is both swept and fixed: the fixed value %s is used", name,
-                            fixed_params[name])  # fmt: skip
+                log.warning(
+                    "%s is both swept and fixed: the fixed value %s is used",
+                    name,
+                    fixed_params[name],
+                )
         self._build_grid_sampler(search_space)
         directions = self._get_directions()
         storage_spec = str(
@@ -138,9 +148,13 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         already = len(study.get_trials(deepcopy=False, states=FINISHED))
         log.info(
             "Study %r in %s: %d trials finished already, n_trials %d; sampler %s, directions %s",
-            study_name, storage_spec, already, self.n_trials, type(self.sampler).__name__,
+            study_name,
+            storage_spec,
+            already,
+            self.n_trials,
+            type(self.sampler).__name__,
             directions,
-        )  # fmt: skip
+        )
         parallel = 1 if "BasicLauncher" in type(self.launcher).__name__ else self.n_jobs
         allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
         failures = 0
@@ -154,11 +168,16 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
                 trials, search_space, fixed_params, fixed_overrides
             )
             overrides = [
-                (*trial_overrides, f"sweep.trial_number={trial.number}",
-                 f"sweep.study_name={study_name}", f"sweep.storage='{storage_spec}'",
-                 f"sweep.parent_run_id={parent_run_id}", f"sweep.n_parallel={parallel}")
+                (
+                    *trial_overrides,
+                    f"sweep.trial_number={trial.number}",
+                    f"sweep.study_name={study_name}",
+                    f"sweep.storage='{storage_spec}'",
+                    f"sweep.parent_run_id={parent_run_id}",
+                    f"sweep.n_parallel={parallel}",
+                )
                 for trial, trial_overrides in zip(trials, trial_settings, strict=True)
-            ]  # fmt: skip
+            ]
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):

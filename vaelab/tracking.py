@@ -96,8 +96,9 @@ class MlflowTracker:
             ).info.run_id
             # Sweep processes started together on one study may each have created a parent:
             # all keep the oldest, and each deletes its own younger one.
-            parents = client.search_runs([experiment_id], filter_string=query,
-                                         order_by=["attributes.start_time ASC"])  # fmt: skip
+            parents = client.search_runs(
+                [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+            )
             oldest = min(parents, key=lambda r: (r.info.start_time, r.info.run_id))
             if oldest.info.run_id != run_id:
                 client.delete_run(run_id)

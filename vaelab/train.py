@@ -133,8 +133,18 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
 
     def evaluate_split(beta: float, epoch: float, split: str = "val") -> Evaluation:
         index = data.indices(split).to(device)
-        return evaluate(model, values[index], masks[index], loss_fn, beta, trainer.batch_size,
-                        device, epoch, data.sampleset.feature_groups, final_weights)  # fmt: skip
+        return evaluate(
+            model,
+            values[index],
+            masks[index],
+            loss_fn,
+            beta,
+            trainer.batch_size,
+            device,
+            epoch,
+            data.sampleset.feature_groups,
+            final_weights,
+        )
 
     # --- train ----------------------------------------------------------------------------
     # A last batch of one sample would break BatchNorm; it joins the next epoch's shuffle.
@@ -245,8 +255,12 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
                 break
         if trial is not None and trial.should_stop(epoch, metrics):
             pruned_at = epoch  # checkpoint and latents are kept, as for any finished run
-            log.info("Pruned by the sweep after epoch %d: %s = %.4g", epoch, objectives[0],
-                     metrics[objectives[0]])  # fmt: skip
+            log.info(
+                "Pruned by the sweep after epoch %d: %s = %.4g",
+                epoch,
+                objectives[0],
+                metrics[objectives[0]],
+            )
             break
 
     # --- final evaluation of the best checkpoint, artifacts, verdict ---------------------
@@ -263,9 +277,18 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     write_latents(run_dir / "latents.h5", mu, logvar, data)
     mlflow.log_artifact(str(run_dir / "latents.h5"))
     if cfg.evaluation.downstream:  # are the latents useful? (seed 000 step 3, seed 003)
-        report_run(mlflow.MlflowClient(), mlflow.active_run().info.run_id, model, data,
-                   mu.numpy(), val.kl_per_dim.numpy(), run_dir, device, cfg.seed,
-                   cfg.evaluation.normal_label)  # fmt: skip
+        report_run(
+            mlflow.MlflowClient(),
+            mlflow.active_run().info.run_id,
+            model,
+            data,
+            mu.numpy(),
+            val.kl_per_dim.numpy(),
+            run_dir,
+            device,
+            cfg.seed,
+            cfg.evaluation.normal_label,
+        )
     if val.branch_recon:
         write_branch_components(run_dir / "multiscale_components.h5", model, data, device)
         mlflow.log_artifact(str(run_dir / "multiscale_components.h5"))
@@ -273,14 +296,20 @@ def _train(cfg: DictConfig, run_dir: Path, trial: SweepTrial | None) -> float | 
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
     values = [final_metrics[name.replace("val/", "final/", 1)] for name in objectives]
-    log.info("Best epoch %d: %s (latent dim %d), KL %.3f nats, verdict %s", best_epoch,
-             ", ".join(f"{n} = {v:.4g}" for n, v in zip(objectives, values, strict=True)),
-             model.latent_dim, val.kl_raw, verdict["verdict"])  # fmt: skip
+    log.info(
+        "Best epoch %d: %s (latent dim %d), KL %.3f nats, verdict %s",
+        best_epoch,
+        ", ".join(f"{n} = {v:.4g}" for n, v in zip(objectives, values, strict=True)),
+        model.latent_dim,
+        val.kl_raw,
+        verdict["verdict"],
+    )
     if trial is not None:
         mlflow.log_metric("final/constraint_kl", trial.finish(final_metrics, verdict["verdict"]))
         if pruned_at is not None:
-            raise optuna.TrialPruned(f"pruned by {type(trial.study.pruner).__name__} after epoch "
-                                     f"{pruned_at}")  # fmt: skip
+            raise optuna.TrialPruned(
+                f"pruned by {type(trial.study.pruner).__name__} after epoch {pruned_at}"
+            )
     return values[0] if len(values) == 1 else values
 
 
