@@ -4,6 +4,9 @@ Layout: `values` (N, T, C) or (N, F); optional `masks` (same shape, 1 = observed
 `patient_index` or `ids` (N,), `vital_index` (C,) or (F,), `labels` (N,) and `groups` (N,).
 String datasets may hold bytes or str. Every problem stops with one `DataError` that names the
 file, the key and what was expected versus found.
+
+`read_numeric`, `read_1d` and `first_index` are the checked reads every HDF5 reader of vaelab
+shares (this one and `vaelab.data.volumes`), so their messages read the same.
 """
 
 import logging
@@ -29,10 +32,15 @@ def _as_str(array: np.ndarray) -> np.ndarray:
     return np.array(items, dtype=str)
 
 
-def _read_1d(
+def read_1d(
     path: str, file: h5py.File, key: str, length: int, what: str, strings: bool
 ) -> np.ndarray | None:
-    """Read an optional (length,) dataset, or None when the key is absent."""
+    """Read an optional (length,) dataset of `what`, or None when the key is absent.
+
+    strings=True decodes it to str (ids, names); otherwise numbers stay numbers and only byte or
+    object datasets are decoded. A group, another shape or invalid UTF-8 is a DataError naming
+    `path` and `key`.
+    """
     if key not in file:
         return None
     node = file[key]
@@ -54,13 +62,13 @@ def _read_1d(
     return array
 
 
-def _first_index(bad: np.ndarray) -> tuple[int, ...]:
-    """Index of the first True entry, as plain ints for the message."""
+def first_index(bad: np.ndarray) -> tuple[int, ...]:
+    """Index of the first True entry of a boolean array, as plain ints for a message."""
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
 
 
-def _read_array(path: str, file: h5py.File, key: str) -> np.ndarray:
-    """Read a numeric dataset as float32, naming the key if it is not numeric."""
+def read_numeric(path: str, file: h5py.File, key: str) -> np.ndarray:
+    """Read a numeric dataset as float32; a group or a non-numeric dtype is a DataError."""
     node = file[key]
     if not isinstance(node, h5py.Dataset):
         raise DataError(f"{path}: key '{key}': expected a numeric dataset, found a group")
@@ -69,24 +77,27 @@ def _read_array(path: str, file: h5py.File, key: str) -> np.ndarray:
     return np.asarray(node[()], dtype=np.float32)
 
 
+def open_h5(path: str, expected: str) -> h5py.File:
+    """The HDF5 file at `path`, open for reading; one DataError naming the file and what was
+    `expected` of it ("an HDF5 file with key 'values'") when it is missing or not HDF5."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected {expected})")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        # h5py raises OSError for anything it cannot open: not HDF5, truncated, no permission.
+        raise DataError(f"{path}: cannot open as HDF5 (expected {expected}): {err}") from err
+
+
 def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> SampleSet:
     """Load and check one HDF5 file of samples; see the module docstring for the layout."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (expected an HDF5 file with key '{values_key}')")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as err:
-        # h5py raises OSError for anything it cannot open: not HDF5, truncated, no permission.
-        raise DataError(
-            f"{path}: cannot open as HDF5 (expected an HDF5 file with key '{values_key}'): {err}"
-        ) from err
-    with file:
+    with open_h5(path, f"an HDF5 file with key '{values_key}'") as file:
         if values_key not in file:
             raise DataError(
                 f"{path}: key '{values_key}' not found; the file has keys {sorted(file.keys())}"
             )
-        values = _read_array(path, file, values_key)
+        values = read_numeric(path, file, values_key)
         if values.ndim not in (2, 3):
             raise DataError(
                 f"{path}: key '{values_key}': expected 2 dims (N, F) or 3 dims (N, T, C), "
@@ -107,7 +118,7 @@ def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> 
 
         masks = None
         if masks_key in file:
-            masks = _read_array(path, file, masks_key)
+            masks = read_numeric(path, file, masks_key)
             if masks.shape != values.shape:
                 raise DataError(
                     f"{path}: key '{masks_key}': expected the shape of '{values_key}' "
@@ -115,7 +126,7 @@ def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> 
                 )
             not_binary = (masks != 0) & (masks != 1)  # NaN counts as not binary too
             if not_binary.any():
-                idx = _first_index(not_binary)
+                idx = first_index(not_binary)
                 raise DataError(
                     f"{path}: key '{masks_key}': expected only 0 and 1, found "
                     f"{int(not_binary.sum())} other entries, first {masks[idx]} at index {idx}"
@@ -124,12 +135,12 @@ def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> 
         id_key = next((k for k in ID_KEYS if k in file), None)
         ids = None
         if id_key is not None:
-            ids = _read_1d(path, file, id_key, n, "one id per sample", strings=True)
-        channel_names = _read_1d(
+            ids = read_1d(path, file, id_key, n, "one id per sample", strings=True)
+        channel_names = read_1d(
             path, file, CHANNEL_KEY, n_channels, "one name per channel (last axis)", strings=True
         )
-        labels = _read_1d(path, file, "labels", n, "one label per sample", strings=False)
-        groups = _read_1d(path, file, "groups", n, "one group per sample", strings=True)
+        labels = read_1d(path, file, "labels", n, "one label per sample", strings=False)
+        groups = read_1d(path, file, "groups", n, "one group per sample", strings=True)
 
     # Many files store missing entries as NaN: allowed where the mask says unobserved,
     # an error where the entry claims to be a real measurement.
@@ -137,7 +148,7 @@ def load_h5(path: str, values_key: str = "values", masks_key: str = "masks") -> 
     if not finite.all():
         bad = ~finite if masks is None else ~finite & (masks > 0)
         if bad.any():
-            idx = _first_index(bad)
+            idx = first_index(bad)
             if masks is None:
                 where = f"(there is no '{masks_key}', so every entry counts as observed)"
             else:

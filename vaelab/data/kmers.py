@@ -62,6 +62,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
 from vaelab.data.base import SampleSet
+from vaelab.data.h5 import open_h5
 from vaelab.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -333,15 +334,7 @@ def write_kmers_h5(out: str, table: KmerTable, attrs: dict[str, object]) -> None
 
 def _read_h5(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(counts, values, ids, groups, skipped) of a file written by `write_kmers_h5`, checked."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (expected an h5 file with keys {list(H5_KEYS)})")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(
-            f"{path}: cannot open as HDF5 (expected keys {list(H5_KEYS)}): {err}"
-        ) from err
-    with file:
+    with open_h5(path, f"an h5 file with keys {list(H5_KEYS)}") as file:
         missing = [k for k in H5_KEYS if not isinstance(file.get(k), h5py.Dataset)]
         if missing:
             raise DataError(

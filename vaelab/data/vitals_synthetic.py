@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from vaelab.data.base import SampleSet
+from vaelab.data.noise import ar1
 from vaelab.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -92,17 +93,6 @@ def _draw_factors(rng: np.random.Generator, n: int, seq_len: int) -> dict[str, n
     return factors
 
 
-def _ar1(rng: np.random.Generator, n: int, seq_len: int, k: int) -> np.ndarray:
-    """Unit-variance stationary AR(1) noise, (n, seq_len, k)."""
-    innovations = rng.standard_normal((seq_len, n, k)) * np.sqrt(1.0 - _AR_PHI**2)
-    out = np.empty_like(innovations)
-    out[0] = rng.standard_normal((n, k))  # start in the stationary distribution
-    # A recursion over time only: each step is one vectorised (n, k) update.
-    for t in range(1, seq_len):
-        out[t] = _AR_PHI * out[t - 1] + innovations[t]
-    return out.transpose(1, 0, 2)
-
-
 def _draw_masks(rng: np.random.Generator, n: int, seq_len: int, missing_rate: float) -> np.ndarray:
     """Observation masks (n, seq_len, C), float32 1 = observed, missing at about missing_rate."""
     n_channels = len(CHANNELS)
@@ -168,7 +158,9 @@ def generate_vitals(
     amp = col["circadian_amplitude"]
 
     ar_channels = list(_AR_SD)
-    ar = _ar1(rng, n, n_t, len(ar_channels)) * col["noise_level"][..., None]
+    # Unit-variance AR(1) noise (T, n, k) -> (n, T, k), scaled per patient and channel below.
+    unit_ar = ar1(rng, n_t, (n, len(ar_channels)), phi=_AR_PHI, sd=1.0).transpose(1, 0, 2)
+    ar = unit_ar * col["noise_level"][..., None]
     noise = {ch: ar[:, :, i] * _AR_SD[ch] for i, ch in enumerate(ar_channels)}
     # White measurement noise on top, a third of the AR scale: readings are not smooth curves.
     white = rng.standard_normal((n, n_t, len(CHANNELS)))

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from scipy.signal import lfilter
 
 from vaelab.data.base import SampleSet
+from vaelab.data.noise import ar1
 from vaelab.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -304,14 +304,6 @@ def _cut_windows(source: str, recordings: list[_Recording], window: int, step: i
 # ----------------------------------------------------------------------------- generator
 
 
-def _ar1(rng: np.random.Generator, n: int, sd: float) -> np.ndarray:
-    """Stationary AR(1) noise of n seconds with standard deviation sd."""
-    innovations = rng.standard_normal(n) * sd * math.sqrt(1.0 - _AR_PHI**2)
-    start = rng.standard_normal() * sd  # the value before t = 0, from the stationary law
-    out, _ = lfilter([1.0], [1.0, -_AR_PHI], innovations, zi=[_AR_PHI * start])
-    return out
-
-
 def _observation_times(
     rng: np.random.Generator, n_s: int, interval: tuple[int, int], off: np.ndarray
 ) -> np.ndarray:
@@ -354,8 +346,8 @@ def _synthetic_recordings(
             s = slice(onset, min(onset + length, n_s))
             dip[s] = np.maximum(dip[s], depth * np.sin(np.pi * (t[s] - onset) / length) ** 2)
         hr = f["hr_baseline"] * (1.0 + f["circadian_amplitude"] * circadian)
-        hr += _HR_PER_DESAT * dip + _ar1(rng, n_s, _HR_NOISE_SD)
-        spo2 = f["spo2_baseline"] - dip + _ar1(rng, n_s, _SPO2_NOISE_SD)
+        hr += _HR_PER_DESAT * dip + ar1(rng, n_s, (), phi=_AR_PHI, sd=_HR_NOISE_SD)
+        spo2 = f["spo2_baseline"] - dip + ar1(rng, n_s, (), phi=_AR_PHI, sd=_SPO2_NOISE_SD)
 
         off = np.zeros(n_s, dtype=bool)
         for _ in range(rng.poisson(_GAPS_PER_HOUR * hours)):

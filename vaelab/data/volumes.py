@@ -38,7 +38,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from vaelab.data.base import SampleSet
-from vaelab.data.h5 import _first_index, _read_1d, _read_array
+from vaelab.data.h5 import first_index, open_h5, read_1d, read_numeric
 from vaelab.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,7 @@ def _zscore_per_subject(values: np.ndarray, source: str) -> np.ndarray:
 
 def _read_volumes(path: str) -> SampleSet:
     """Read and check the HDF5 layout of the module docstring (before the z-score)."""
-    expected = f"an HDF5 file with key '{VALUES_KEY}' {LAYOUT}"
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (expected {expected})")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path}: cannot open as HDF5 (expected {expected}): {err}") from err
-    with file:
+    with open_h5(path, f"an HDF5 file with key '{VALUES_KEY}' {LAYOUT}") as file:
         if VALUES_KEY not in file:
             raise DataError(
                 f"{path}: key '{VALUES_KEY}' not found; the file has keys {sorted(file.keys())}"
@@ -135,16 +128,16 @@ def _read_volumes(path: str) -> SampleSet:
             raise DataError(
                 f"{where}: expected D = H = W >= {MIN_SIZE} in {LAYOUT}, found shape {shape}"
             )
-        values = _read_array(path, file, VALUES_KEY)
+        values = read_numeric(path, file, VALUES_KEY)
         n = len(values)
-        ids = _read_1d(path, file, "ids", n, "one id per volume", strings=True)
-        groups = _read_1d(path, file, "groups", n, "one subject per volume", strings=True)
-        labels = _read_1d(path, file, "labels", n, "one label per volume", strings=False)
+        ids = read_1d(path, file, "ids", n, "one id per volume", strings=True)
+        groups = read_1d(path, file, "groups", n, "one subject per volume", strings=True)
+        labels = read_1d(path, file, "labels", n, "one label per volume", strings=False)
 
     finite = np.isfinite(values)
     if not finite.all():
         bad = ~finite
-        idx = _first_index(bad)
+        idx = first_index(bad)
         raise DataError(
             f"{where}: expected finite values, found {int(bad.sum())} NaN/inf entries, "
             f"first {values[idx]} at index {idx}"

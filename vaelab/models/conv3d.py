@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
+from vaelab.models.base import GaussianVAE
 
 # With model.n_down = null, halve while every side stays even and at least MIN_GRID voxels, at
 # most MAX_DERIVED_DOWN times: 32³ -> 4³, and 128³ -> 8³, seed 004's compact feature volume.
@@ -80,7 +80,7 @@ def _up_resize(c_in: int, c_out: int, groups: int) -> nn.Sequential:
     )
 
 
-class Conv3DVAE(nn.Module):
+class Conv3DVAE(GaussianVAE):
     """Residual 3D encoder to a compact grid; transposed-conv or spatial broadcast decoder."""
 
     def __init__(
@@ -93,8 +93,7 @@ class Conv3DVAE(nn.Module):
         use_sbd: bool = False,
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
-        super().__init__()
-        self.input_shape = checked_input_shape("Conv3DVAE", input_shape, rank=4)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=4)
         if base_channels < 1:
             raise ConfigError(f"model.base_channels must be ≥ 1, got {base_channels}")
         # Every level has base_channels * 2**i channels, so dividing the first divides them all.
@@ -120,9 +119,7 @@ class Conv3DVAE(nn.Module):
                 f"divisible by 2**model.n_down = {2**n_down}"
             )
         self.n_down = int(n_down)
-        self.latent_dim = int(latent_dim)
         self.use_sbd = bool(use_sbd)
-        self.posterior_logvar_min = posterior_logvar_min
         groups = int(norm_groups)
         widths = [int(base_channels) * 2**i for i in range(self.n_down + 1)]
         self.grid = tuple(s // 2**self.n_down for s in spatial)  # the compact feature volume
@@ -166,14 +163,10 @@ class Conv3DVAE(nn.Module):
             nn.Conv3d(widths[0], n_channels, 3, padding=1),
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise DataError(
-                f"Conv3DVAE: expected input of shape (B, {self.input_shape}), got {tuple(x.shape)}"
-            )
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior mean and the raw log-variance, each (B, latent_dim)."""
         h = self.encoder(x).flatten(1)
-        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+        return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the reconstruction (B, C, D, H, W) and no branch outputs."""
@@ -184,10 +177,3 @@ class Conv3DVAE(nn.Module):
         else:
             h = self.decoder_input(z)
         return self.decoder(h), {}
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        """Encode, sample z in training mode (z = mu in eval mode), decode."""
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar) if self.training else mu
-        recon, branches = self.decode(z)
-        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)

@@ -6,18 +6,15 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
-
-# The same length arithmetic as the multi-scale model's exact-length decoder, shared rather than
-# written twice.
-from vaelab.models.multiscale_conv1d import conv_out_length, transpose_output_padding
+from vaelab.models.base import GaussianVAE
+from vaelab.models.layers import conv_out_length, transpose_output_padding
 
 # Seed 003 quarters the sequence over its two convolutions, (B, 4, 256) -> (B, 32, 64), so each
 # has stride 2. The seed gives neither kernel nor activation; kernel 5 and ReLU are our choice.
 STRIDE = 2
 
 
-class ConvLSTMVAE(nn.Module):
+class ConvLSTMVAE(GaussianVAE):
     """Strided Conv1d layers, then an LSTM whose last step gives the posterior; mirrored back."""
 
     def __init__(
@@ -31,8 +28,7 @@ class ConvLSTMVAE(nn.Module):
         dropout: float = 0.5,
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
-        super().__init__()
-        self.input_shape = checked_input_shape("ConvLSTMVAE", input_shape, rank=2)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
         channels = [int(c) for c in conv_channels]
         if not channels or min(channels) < 1:
             raise ConfigError(f"model.conv_channels must be non-empty and positive: {channels}")
@@ -51,8 +47,6 @@ class ConvLSTMVAE(nn.Module):
             raise DataError(
                 f"ConvLSTMVAE: model.kernel={kernel} is larger than the sequence length {n_steps}"
             )
-        self.latent_dim = int(latent_dim)
-        self.posterior_logvar_min = posterior_logvar_min
         between_layers = float(dropout) if n_layers > 1 else 0.0  # nn.LSTM: between layers only
 
         # lengths[i] is the input length of encoder conv i, and the exact output length of the
@@ -70,7 +64,7 @@ class ConvLSTMVAE(nn.Module):
                 nn.ReLU(),
             ]
             # Chosen from the encoder's own lengths, so the decoder lands on exactly T with no
-            # cropping or padding afterwards.
+            # cropping or padding afterwards (the length arithmetic of the multi-scale decoder).
             pad = transpose_output_padding(self.lengths[i + 1], self.lengths[i], kernel, STRIDE)
             deconv = nn.ConvTranspose1d(
                 widths[i + 1], widths[i], kernel, STRIDE, padding=kernel // 2, output_padding=pad
@@ -96,28 +90,15 @@ class ConvLSTMVAE(nn.Module):
             lstm_hidden, channels[-1], n_layers, batch_first=True, dropout=between_layers
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            # The output paddings are fixed for one T, so another T cannot round-trip.
-            raise DataError(
-                f"ConvLSTMVAE: expected input of shape (B, {self.input_shape}), "
-                f"got {tuple(x.shape)}"
-            )
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior mean and the raw log-variance, each (B, latent_dim)."""
         h = self.encoder_conv(x.transpose(1, 2))  # (B, C, T) -> (B, channels[-1], L)
         _, (h_n, _) = self.encoder_lstm(h.transpose(1, 2))  # LSTM reads (B, L, channels)
         h = h_n[-1]  # (B, lstm_hidden): the top layer at the last step
-        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+        return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the reconstruction (B, T, C) and no branch outputs."""
         steps = self.fc_decode(z).unsqueeze(1).expand(-1, self.lengths[-1], -1)
         h, _ = self.decoder_lstm(steps)  # (B, L, channels[-1])
         return self.decoder_conv(h.transpose(1, 2)).transpose(1, 2), {}
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        """Encode, sample z in training mode (z = mu in eval mode), decode."""
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar) if self.training else mu
-        recon, branches = self.decode(z)
-        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)

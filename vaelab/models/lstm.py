@@ -3,11 +3,11 @@
 import torch
 from torch import nn
 
-from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
+from vaelab.errors import ConfigError
+from vaelab.models.base import GaussianVAE
 
 
-class LSTMVAE(nn.Module):
+class LSTMVAE(GaussianVAE):
     """Stacked-LSTM encoder and non-autoregressive LSTM decoder conditioned on z alone."""
 
     def __init__(
@@ -19,17 +19,14 @@ class LSTMVAE(nn.Module):
         dropout: float = 0.0,
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
-        super().__init__()
-        self.input_shape = checked_input_shape("LSTMVAE", input_shape, rank=2)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
         if hidden_dim < 1:
             raise ConfigError(f"model.hidden_dim must be ≥ 1, got {hidden_dim}")
         if n_layers < 1:
             raise ConfigError(f"model.n_layers must be ≥ 1, got {n_layers}")
         n_channels = self.input_shape[1]
-        self.latent_dim = int(latent_dim)
         self.hidden_dim = int(hidden_dim)
         self.n_layers = int(n_layers)
-        self.posterior_logvar_min = posterior_logvar_min
         # nn.LSTM applies dropout between stacked layers only, and warns if asked for it with one.
         between_layers = float(dropout) if self.n_layers > 1 else 0.0
 
@@ -57,15 +54,11 @@ class LSTMVAE(nn.Module):
         # Linear output: the targets (standardised vitals) are unbounded.
         self.fc_out = nn.Linear(self.hidden_dim, n_channels)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise DataError(
-                f"LSTMVAE: expected input of shape (B, {self.input_shape}), got {tuple(x.shape)}"
-            )
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior mean and the raw log-variance, each (B, latent_dim)."""
         _, (h_n, _) = self.encoder(x)
         h = h_n[-1]  # (B, hidden_dim): the top layer at the last step
-        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+        return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the reconstruction (B, T, C) and no branch outputs."""
@@ -76,10 +69,3 @@ class LSTMVAE(nn.Module):
         inputs = z.unsqueeze(1).expand(-1, n_steps, -1)  # (B, T, latent_dim)
         h, _ = self.decoder(inputs, (h_0, c_0))
         return self.fc_out(h), {}
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        """Encode, sample z in training mode (z = mu in eval mode), decode."""
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar) if self.training else mu
-        recon, branches = self.decode(z)
-        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)

@@ -6,14 +6,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vaelab.errors import DataError
-from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
+from vaelab.models.base import GaussianVAE
 
 
 def _dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
     """Linear -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout, the seed 002 layer."""
     # The Linear keeps its bias although BatchNorm follows: seed 002's Keras Dense layers have
-    # one, and the seed's parameter counts (tested in tests/test_models.py) include it.
+    # one, and the seed's parameter counts (tested in tests/test_models_mlp.py) include it.
     return nn.Sequential(
         nn.Linear(in_features, out_features),
         nn.BatchNorm1d(out_features),
@@ -22,7 +21,7 @@ def _dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequ
     )
 
 
-class MLPVAE(nn.Module):
+class MLPVAE(GaussianVAE):
     """Dense VAE with a symmetric decoder; (T, C) inputs are flattened to T*C features."""
 
     def __init__(
@@ -33,10 +32,7 @@ class MLPVAE(nn.Module):
         dropout: float = 0.0,
         posterior_logvar_min: float | None = -6.0,
     ) -> None:
-        super().__init__()
-        self.input_shape = checked_input_shape("MLPVAE", input_shape, rank=None)
-        self.latent_dim = int(latent_dim)
-        self.posterior_logvar_min = posterior_logvar_min
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=None)
         hidden = [int(h) for h in hidden_dims]
         n_features = math.prod(self.input_shape)
 
@@ -55,22 +51,11 @@ class MLPVAE(nn.Module):
             nn.Linear(widths[-1], n_features),
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise DataError(
-                f"MLPVAE: expected input of shape (B, {self.input_shape}), got {tuple(x.shape)}"
-            )
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior mean and the raw log-variance, each (B, latent_dim)."""
         h = self.encoder(x.flatten(1))
-        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+        return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the reconstruction (B, *input_shape) and no branch outputs."""
         return self.decoder(z).view(z.shape[0], *self.input_shape), {}
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        """Encode, sample z in training mode (z = mu in eval mode), decode."""
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar) if self.training else mu
-        recon, branches = self.decode(z)
-        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)

@@ -3,11 +3,17 @@
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, checked_input_shape, floor_logvar, reparameterize
+from vaelab.models.base import GaussianVAE
+from vaelab.models.layers import (
+    Dropout,
+    PolyphaseConvTranspose1d,
+    conv_block,
+    conv_out_length,
+    transpose_output_padding,
+)
 
 
 class ConvSpec(NamedTuple):
@@ -30,20 +36,6 @@ BRANCHES: tuple[tuple[str, tuple[ConvSpec, ...]], ...] = (
 )
 
 
-def conv_out_length(length: int, kernel: int, stride: int) -> int:
-    """Length after Conv1d(kernel, stride, padding=kernel // 2) (PyTorch Conv1d shape formula)."""
-    return (length + 2 * (kernel // 2) - kernel) // stride + 1
-
-
-def transpose_output_padding(length_in: int, target: int, kernel: int, stride: int) -> int:
-    """output_padding making ConvTranspose1d(kernel, stride, padding=kernel // 2) emit `target`."""
-    # ConvTranspose1d emits (L_in - 1) * s - 2p + k + output_padding steps. When `target` is the
-    # length the matching Conv1d read, the difference lies in [0, s - 1], so each decoder layer
-    # lands exactly on its encoder layer's input length: seed 001 instead overshot or undershot
-    # and then cropped or replicate-padded the branches to 745, which this replaces.
-    return target - ((length_in - 1) * stride - 2 * (kernel // 2) + kernel)
-
-
 def branch_lengths(name: str, specs: tuple[ConvSpec, ...], length: int) -> tuple[int, ...]:
     """Sequence lengths through one encoder branch, input first; DataError if T is too short."""
     # With padding k // 2 a Conv1d output never drops below one step, so "too short" means the
@@ -63,94 +55,7 @@ def branch_lengths(name: str, specs: tuple[ConvSpec, ...], length: int) -> tuple
     return tuple(lengths)
 
 
-def polyphase_conv_transpose1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int,
-    padding: int,
-    output_padding: int,
-) -> torch.Tensor:
-    """F.conv_transpose1d(x, weight, bias, stride, padding, output_padding) as one stride-1 conv.
-
-    A transposed convolution with stride s writes input step i to outputs s*i - padding + j,
-    j < k. Output step u = s*q + r (before the crop by `padding`) therefore sums taps
-    j = s*m + r over inputs q - m: for each phase r it is an ordinary stride-1 convolution with
-    ceil(k / s) taps. The s phases run as one Conv1d with s * C_out output channels, and their
-    outputs are interleaved and cropped to exactly the ConvTranspose1d length. Same weights and
-    the same multiply-adds (plus ~3% on the zero taps padding k up to a multiple of s); only the
-    order of the sums differs: results agree to float32 rounding (~1e-6 relative), and against
-    a float64 reference its gradients were the more accurate. On the CPU oneDNN runs the long
-    strided transposed kernels of the decoder (k=255, s=16; k=63, s=8) through im2col + GEMM;
-    this form ran them about twice as fast on one 2-core Xeon host, backward included, but the
-    gain depends on the host's oneDNN kernels (1.04-1.09x for a whole train step on another):
-    `make bench` measures it against torch.nn's layers on the machine at hand.
-    """
-    batch, _, length = x.shape
-    c_in, c_out, kernel = weight.shape
-    taps = -(-kernel // stride)  # ceil(k / s) taps per phase
-    out_length = (length - 1) * stride - 2 * padding + kernel + output_padding
-    # Only the phase steps q that reach the cropped output are computed.
-    q_first, q_last = padding // stride, (padding + out_length - 1) // stride
-    # phase_weight[r * C_out + o, c, t] = weight[c, o, s * (taps - 1 - t) + r]: tap j = s*m + r,
-    # flipped in m because Conv1d correlates where ConvTranspose1d scatters.
-    phase_weight = F.pad(weight, (0, taps * stride - kernel)).view(c_in, c_out, taps, stride)
-    phase_weight = phase_weight.flip(2).permute(3, 1, 0, 2).reshape(stride * c_out, c_in, taps)
-    phase_bias = None if bias is None else bias.repeat(stride)
-    # Padded so that output q of the stride-1 conv reads inputs q - taps + 1 ... q.
-    padded = F.pad(x, (taps - 1 - q_first, q_last + 1 - length))
-    phases = F.conv1d(padded, phase_weight, phase_bias)  # (B, s * C_out, q_last - q_first + 1)
-    steps = phases.shape[-1]
-    interleaved = phases.view(batch, stride, c_out, steps).permute(0, 2, 3, 1)
-    start = padding - stride * q_first
-    cropped = interleaved.reshape(batch, c_out, steps * stride)[:, :, start : start + out_length]
-    return cropped.contiguous()  # BatchNorm next runs ~5% faster per step on a contiguous input
-
-
-class PolyphaseConvTranspose1d(nn.ConvTranspose1d):
-    """nn.ConvTranspose1d (same parameters and output) computed by polyphase_conv_transpose1d."""
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        """The transposed convolution; the general cases are left to nn.ConvTranspose1d."""
-        if output_size is not None or self.groups != 1 or self.dilation != (1,) or x.dim() != 3:
-            return super().forward(x, output_size)
-        return polyphase_conv_transpose1d(
-            x, self.weight, self.bias, self.stride[0], self.padding[0], self.output_padding[0]
-        )
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with the very same masks, drawn about twice as fast on the CPU.
-
-    On the CPU, F.dropout draws its mask with `bernoulli_(1 - p)`, which takes one float64
-    uniform u per element from the generator and keeps the element when u < 1 - p; it then
-    scales the mask by 1 / (1 - p) and multiplies. Drawing the same uniforms with
-    `torch.rand(float64)` and comparing gives bit-identical outputs and leaves the generator in
-    the same state (tests/test_models.py checks both), at ~5 ns per element instead of ~9: the
-    masks were a quarter of a seed 000 train step. Elsewhere (CUDA's fused kernel) and for
-    p in {0, 1} this is nn.Dropout itself.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero each element with probability p and scale the rest by 1 / (1 - p)."""
-        if not (self.training and x.device.type == "cpu" and 0.0 < self.p < 1.0) or self.inplace:
-            return super().forward(x)
-        keep = 1.0 - self.p
-        uniform = torch.rand(x.shape, dtype=torch.float64, device=x.device)
-        return x * (uniform < keep).to(x.dtype).div_(keep)
-
-
-def conv_block(conv: nn.Module, channels: int, dropout: float) -> nn.Sequential:
-    """conv -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout: seed 001's ConvBlock, also the VQ-VAE's."""
-    # LeakyReLU in place: BatchNorm's backward does not need its output, and LeakyReLU's own
-    # backward reads the sign from its result (slope > 0), so gradients are unchanged while each
-    # block allocates one activation fewer.
-    return nn.Sequential(
-        conv, nn.BatchNorm1d(channels), nn.LeakyReLU(0.2, inplace=True), Dropout(dropout)
-    )
-
-
-class MultiScaleConv1DVAE(nn.Module):
+class MultiScaleConv1DVAE(GaussianVAE):
     """Conv1D VAE whose encoder and decoder each run four branches at different time scales."""
 
     def __init__(
@@ -160,15 +65,18 @@ class MultiScaleConv1DVAE(nn.Module):
         base_channels: int = 64,
         dropout: float = 0.2,
         posterior_logvar_min: float | None = -6.0,
+        stock_layers: bool = False,
     ) -> None:
-        super().__init__()
-        self.input_shape = checked_input_shape("MultiScaleConv1DVAE", input_shape, rank=2)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
         if base_channels < 2 or base_channels % 2:
             raise ConfigError(f"model.base_channels must be even and ≥ 2, got {base_channels}")
         n_steps, n_channels = self.input_shape
         c = int(base_channels)
-        self.latent_dim = int(latent_dim)
-        self.posterior_logvar_min = posterior_logvar_min
+        # stock_layers builds the same model (same parameters and state-dict keys) from the
+        # torch.nn classes that vaelab's faster CPU layers subclass: `make bench` times the two.
+        self.stock_layers = bool(stock_layers)
+        conv_transpose = nn.ConvTranspose1d if self.stock_layers else PolyphaseConvTranspose1d
+        dropout_layer = nn.Dropout if self.stock_layers else Dropout
 
         # lengths[name] = (T, L_1, ..., L_b): the input length of every encoder layer, which is
         # also the exact output length of the decoder layer that mirrors it.
@@ -183,16 +91,16 @@ class MultiScaleConv1DVAE(nn.Module):
             encoder, decoder = [], []
             for i, (_, k, s) in enumerate(specs):
                 conv = nn.Conv1d(widths[i], widths[i + 1], k, s, padding=k // 2)
-                encoder.append(conv_block(conv, widths[i + 1], dropout))
+                encoder.append(conv_block(conv, widths[i + 1], dropout_layer(dropout)))
                 # The decoder mirrors the branch: reversed kernels and strides, channels going
                 # back down, but ending at c/2 feature maps rather than C so the merge has
                 # features to mix.
                 out = c // 2 if i == 0 else widths[i]
                 pad = transpose_output_padding(lengths[i + 1], lengths[i], k, s)
-                deconv = PolyphaseConvTranspose1d(
+                deconv = conv_transpose(
                     widths[i + 1], out, k, s, padding=k // 2, output_padding=pad
                 )
-                decoder.insert(0, conv_block(deconv, out, dropout))
+                decoder.insert(0, conv_block(deconv, out, dropout_layer(dropout)))
             # Encoder attributes keep seed 001's names (branch_local, ...).
             setattr(self, f"branch_{name}", nn.Sequential(*encoder))
             self.decoder_branches[name] = nn.Sequential(*decoder)
@@ -220,19 +128,13 @@ class MultiScaleConv1DVAE(nn.Module):
             nn.Conv1d(c, n_channels, kernel_size=3, padding=1),
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the posterior mean and the floored log-variance, each (B, latent_dim)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            # The decoder's output paddings are fixed for one T, so another T cannot round-trip.
-            raise DataError(
-                f"MultiScaleConv1DVAE: expected input of shape (B, {self.input_shape}), "
-                f"got {tuple(x.shape)}"
-            )
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior mean and the raw log-variance, each (B, latent_dim)."""
         # (B, C, T): Conv1d wants channels first. One contiguous copy here, not one per branch.
         h = x.transpose(1, 2).contiguous()
         pooled = [self.pool(getattr(self, f"branch_{name}")(h)).squeeze(-1) for name, _ in BRANCHES]
         h = self.fc_merge(torch.cat(pooled, dim=1))
-        return self.fc_mu(h), floor_logvar(self.fc_logvar(h), self.posterior_logvar_min)
+        return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the merged reconstruction (B, T, C) and each branch's own reconstruction."""
@@ -244,10 +146,3 @@ class MultiScaleConv1DVAE(nn.Module):
             branches[name] = self.decoder_heads[name](h).transpose(1, 2)
         recon = self.merge(torch.cat(features, dim=1)).transpose(1, 2)
         return recon, branches
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        """Encode, sample z in training mode (z = mu in eval mode), decode."""
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar) if self.training else mu
-        recon, branches = self.decode(z)
-        return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, branches=branches)

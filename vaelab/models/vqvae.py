@@ -32,13 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.errors import ConfigError, DataError
-from vaelab.models.base import VAEOutput, checked_input_shape
-from vaelab.models.multiscale_conv1d import (
-    conv_block,
-    conv_out_length,
-    transpose_output_padding,
-)
+from vaelab.errors import ConfigError
+from vaelab.models.base import VAEOutput, check_batch_shape, checked_input_shape
+from vaelab.models.layers import Dropout, conv_block, conv_out_length, transpose_output_padding
 
 DETERMINISTIC_LOGVAR = -6.0  # log-variance reported for the point-mass posterior (seed 004 floor)
 
@@ -85,20 +81,21 @@ class VQVAE(nn.Module):
         self.dead_code_threshold = dead_code_threshold
 
         # lengths[i] is the input length of encoder layer i and the exact output length of the
-        # decoder layer that mirrors it (the output paddings of multiscale_conv1d).
+        # decoder layer that mirrors it (layers.transpose_output_padding).
         k, s = int(kernel_size), int(stride)
         self.lengths = [n_steps]
         for _ in widths:
             self.lengths.append(conv_out_length(self.lengths[-1], k, s))
         encoder, decoder = [], []
         for i, (c_in, c_out) in enumerate(zip([n_channels, *widths[:-1]], widths, strict=True)):
-            encoder.append(conv_block(nn.Conv1d(c_in, c_out, k, s, padding=k // 2), c_out, dropout))
+            conv = nn.Conv1d(c_in, c_out, k, s, padding=k // 2)
+            encoder.append(conv_block(conv, c_out, Dropout(dropout)))
             pad = transpose_output_padding(self.lengths[i + 1], self.lengths[i], k, s)
             deconv = nn.ConvTranspose1d(c_out, c_in, k, s, padding=k // 2, output_padding=pad)
             # The decoder mirrors the encoder layer by layer. Its last layer, back to C channels
             # at T steps, is a plain linear deconvolution: the targets (standardised vitals) are
             # unbounded. No extra full-length head: at T = 745 it would double the step time.
-            decoder.insert(0, deconv if i == 0 else conv_block(deconv, c_in, dropout))
+            decoder.insert(0, deconv if i == 0 else conv_block(deconv, c_in, Dropout(dropout)))
         self.encoder = nn.Sequential(*encoder)
         self._feature_shape = (widths[-1], self.lengths[-1])
         n_features = widths[-1] * self.lengths[-1]
@@ -118,11 +115,7 @@ class VQVAE(nn.Module):
 
     def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder output before quantisation, z_e: (B, n_latents, code_dim)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            # The decoder's output paddings are fixed for one T, so another T cannot round-trip.
-            raise DataError(
-                f"VQVAE: expected input of shape (B, {self.input_shape}), got {tuple(x.shape)}"
-            )
+        check_batch_shape(type(self).__name__, x, self.input_shape)
         h = self.encoder(x.transpose(1, 2))  # (B, C, T): Conv1d wants channels first
         return self.to_codes(h.flatten(1)).view(-1, self.n_latents, self.code_dim)
 

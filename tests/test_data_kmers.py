@@ -19,7 +19,7 @@ import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import execution_whitelist, instantiate
 
-from vaelab.bundled import bundled_path
+from vaelab.config import bundled_path
 from vaelab.data.kmers import (
     FEATURE_GROUPS,
     FEATURE_NAMES,
@@ -34,6 +34,7 @@ from vaelab.data.kmers import (
     main,
     n_canonical,
 )
+from vaelab.data.prepare import prepare
 from vaelab.errors import ConfigError, DataError
 
 ECOLI = Path(bundled_path("ecoli_MIIJ01000039.fna.gz"))  # the real contig shipped with vaelab
@@ -452,8 +453,6 @@ def test_real_ecoli_contig(ecoli_text, caplog):
 
 
 def test_hydra_composes_kmers_and_splits_a_single_genome(compose_config):
-    from vaelab.data.prepare import prepare
-
     cfg = compose_config(["dataset=kmers", f"dataset.fasta=['{ECOLI}']", "dataset.window=20000"])
     assert cfg.dataset.group_by == "record" and cfg.dataset.step is None
     with execution_whitelist(["vaelab.*"]):
