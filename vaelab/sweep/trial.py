@@ -1,10 +1,15 @@
 """The training job's side of a sweep: its Optuna trial, reached through the shared storage.
 
 Hydra's stock Optuna sweeper never hands the job its trial. vaelab's sweeper
-(`vaelab.sweeper`) passes each job `sweep.trial_number`, `sweep.study_name` and
-`sweep.storage`; the job loads the study from the storage and, through its trial, records the
-KL constraint, reports the objective every epoch, asks the pruner whether to stop, and leaves a
-heartbeat so that a later sweep can tell a dead trial from a running one.
+(`vaelab.sweep.sweeper`) fills the job's `optuna_trial` group (study_name, storage, number,
+parent_run_id, n_parallel); the job loads the study from the storage and, through its trial,
+reports the objective every epoch, asks the pruner whether to stop, records the KL constraint,
+and leaves a heartbeat so that a later sweep can tell a dead trial from a running one.
+
+    trial = SweepTrial.from_config(cfg)  # None in a single run
+    trial.start(mlflow_run_id, run_dir)
+    if trial.should_prune(epoch, metrics): ...
+    constraint = trial.finish(final_metrics, verdict)
 """
 
 import logging
@@ -14,28 +19,17 @@ import time
 from pathlib import Path
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from omegaconf import DictConfig, OmegaConf
 
+from vaelab.config import build, objective_names
 from vaelab.errors import ConfigError
+from vaelab.sweep.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 KL_CONSTRAINT = "kl"  # Optuna constraint name; feasible when ≤ 0
-
-
-def open_storage(spec: str) -> str | BaseStorage:
-    """An Optuna storage from config: a database URL as it is, or a journal file.
-
-    A plain path becomes a JournalStorage on that file: several processes append to it
-    safely (file lock), with no database server, which SQLite cannot promise when sweepers
-    race to create one study.
-    """
-    if "://" in spec:
-        return spec
-    path = Path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+# The final metrics a trial copies to its user attrs, read by the sweep's summary and plots.
+RECORDED_METRICS = ("final/active_units", "final/kl", "final/recon", "final/mi")
 
 
 class SweepTrial:
@@ -45,7 +39,8 @@ class SweepTrial:
         self,
         study_name: str,
         storage: str,
-        trial_number: int,
+        number: int,
+        parent_run_id: str | None,
         kl_threshold: float,
         pruner: optuna.pruners.BasePruner | None,
         objectives: list[str],
@@ -56,14 +51,42 @@ class SweepTrial:
             pruner=pruner or optuna.pruners.NopPruner(),
         )
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, trial_number
+            self.study._study_id, number
         )
         self.trial = optuna.trial.Trial(self.study, trial_id)
-        self.number = trial_number
+        self.study_name = study_name
+        self.number = number
+        self.parent_run_id = parent_run_id
         self.kl_threshold = kl_threshold
         self.objectives = objectives
         # Optuna prunes on one reported value; a Pareto sweep has several, so it never prunes.
         self.prunes = pruner is not None and len(objectives) == 1
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "SweepTrial | None":
+        """The job's trial when a vaelab sweep launched it (optuna_trial.number set), else None.
+
+        Reads `optuna_trial` (filled by the sweeper) and the user's `sweep.objective`,
+        `sweep.kl_threshold` and `sweep.pruner` (an empty node, sweep/pruner=none, prunes nothing).
+        """
+        handed = cfg.optuna_trial
+        if handed.number is None:
+            return None
+        if not handed.study_name or not handed.storage:
+            raise ConfigError(
+                "optuna_trial.number is set but optuna_trial.study_name or optuna_trial.storage "
+                "is not: these keys are the sweeper's to fill, leave them out of the command line"
+            )
+        pruner_node = OmegaConf.select(cfg, "sweep.pruner")
+        return cls(
+            study_name=handed.study_name,
+            storage=handed.storage,
+            number=int(handed.number),
+            parent_run_id=handed.parent_run_id,
+            kl_threshold=float(cfg.sweep.kl_threshold),
+            pruner=build(pruner_node) if pruner_node else None,
+            objectives=objective_names(cfg.sweep.objective),
+        )
 
     def start(self, mlflow_run_id: str, run_dir: Path) -> None:
         """Tie the trial to its MLflow run and to this process (for stale-trial detection)."""
@@ -73,8 +96,8 @@ class SweepTrial:
         self.trial.set_user_attr("pid", os.getpid())
         self.trial.set_user_attr("heartbeat", time.time())
 
-    def should_stop(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Report this epoch's objective and ask the pruner whether the trial is hopeless."""
+    def should_prune(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Leave a heartbeat, report this epoch's objective, and ask the pruner whether to stop."""
         self.trial.set_user_attr("heartbeat", time.time())
         if not self.prunes:
             return False
@@ -89,35 +112,11 @@ class SweepTrial:
         constraints set on the trial (Trial.set_constraint); its sampler `constraints_func`
         is deprecated since 5.0.0.
         """
-        kl = final_metrics["final/kl"]
-        constraint = self.kl_threshold - kl
+        constraint = self.kl_threshold - final_metrics["final/kl"]
         self.trial.set_constraint(KL_CONSTRAINT, constraint)
         self.trial.set_user_attr("constraint_kl", constraint)
         self.trial.set_user_attr("feasible", constraint <= 0)
         self.trial.set_user_attr("collapse_verdict", verdict)
-        for name in ("final/active_units", "final/kl", "final/recon", "final/mi"):
+        for name in RECORDED_METRICS:
             self.trial.set_user_attr(name.replace("final/", "val_"), final_metrics[name])
         return constraint
-
-
-def sweep_trial_from_config(sweep_cfg, pruner) -> SweepTrial | None:  # noqa: ANN001
-    """The job's trial when a vaelab sweep launched it (sweep.trial_number set), else None."""
-    if sweep_cfg.trial_number is None:
-        return None
-    if not sweep_cfg.study_name or not sweep_cfg.storage:
-        raise ConfigError("sweep.trial_number is set but sweep.study_name or sweep.storage is not")
-    return SweepTrial(
-        study_name=sweep_cfg.study_name,
-        storage=sweep_cfg.storage,
-        trial_number=int(sweep_cfg.trial_number),
-        kl_threshold=float(sweep_cfg.kl_threshold),
-        pruner=pruner,
-        objectives=objective_names(sweep_cfg.objective),
-    )
-
-
-def objective_names(objective) -> list[str]:  # noqa: ANN001
-    """`sweep.objective` as a list: one metric name, or several for a Pareto sweep."""
-    if isinstance(objective, str):
-        return [objective]
-    return [str(name) for name in objective]

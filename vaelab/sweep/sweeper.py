@@ -1,0 +1,556 @@
+"""vaelab's Optuna sweeper: Hydra's Optuna sweeper plugin (1.4.0rc3), extended where users of
+the stock plugin keep tripping. Any Hydra app can use it (`hydra/sweeper=vaelab_optuna`).
+
+- The config is checked once before the first trial: one trial's config is composed (every
+  swept key must exist in it) and, if `validate` names a function, handed to it. A wrong
+  config stops the sweep with one message, not with every trial failing the same way.
+- A job that raises is a FAILED trial with its reason, a pruned job a PRUNED trial, a NaN or
+  malformed objective a FAILED trial; the sweep goes on until failures exceed
+  `max_failure_rate` x `n_trials`, and then stops with the last job's error as the cause (the
+  stock plugin judges each batch alone, 0.0 by default, and never counts a rejected value).
+- `n_trials` counts the whole study: re-running a sweep resumes it, and trials left RUNNING
+  by a dead sweep process are failed. With no `study_name`, each sweep gets a study of its own
+  (and, with no `storage`, its own journal file), so two runs never share one by accident.
+- An app whose config has an `optuna_trial` group gets its trial's keys (number, study_name,
+  storage, parent_run_id, n_parallel), so the job can report per-epoch values for pruning and
+  record constraints on its own trial (vaelab.sweep.trial); other apps get only their params.
+- With a `tracking` node: one MLflow parent run per study, one child run per trial (the job's
+  own), and a summary with plots. Without one, MLflow is never imported.
+- Whatever stops the sweep (the failure budget, a bug, Ctrl-C) leaves nothing RUNNING: this
+  process's trials are failed and the parent run closed, each with the reason.
+
+Hydra 1.4 finds this class through the `hydra.plugins` entry point in pyproject.toml and
+imports this module in every app it starts, so it imports nothing heavy (MLflow and
+matplotlib come with `tracking`, built by instantiate). It subclasses the plugin's
+implementation class, so it is tied to hydra-optuna-sweeper==1.4.0rc3 (pinned; the plugin's
+own test suite runs against this class in tests/test_sweeper_stock_suite.py).
+"""
+
+import functools
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.types import Quote, QuotedString
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException, HydraException
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from vaelab.config import build
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.sweep.storage import journal_path, open_storage
+from vaelab.sweep.summary import log_summary, summarise, write_results
+
+if TYPE_CHECKING:  # for annotations only: importing it would load MLflow in every Hydra app
+    from vaelab.sweep.record import MlflowSweepRecord
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+MAX_REASON_LENGTH = 2000  # characters of a fail_reason user attr
+
+
+@dataclass
+class SweepTrackingConf:
+    """Where the sweep records itself in MLflow: vaelab.tracking.MlflowTracker's arguments."""
+
+    _target_: str = "vaelab.sweep.record.MlflowSweepRecord"
+    uri: str = MISSING  # MLflow tracking URI, e.g. sqlite:///multirun/mlflow.db
+    experiment: str = MISSING  # MLflow experiment of the parent run and the trials' runs
+    artifact_root: str = MISSING  # where a local store keeps its artifacts
+
+
+@dataclass
+class VaelabOptunaSweeperConf(OptunaSweeperConf):
+    """The stock plugin's settings, with vaelab's defaults and its own settings below."""
+
+    _target_: str = "vaelab.sweep.sweeper.VaelabOptunaSweeper"
+    # Trials launched at once. More than 1 only helps with a parallel launcher
+    # (hydra/launcher=joblib); each trial's torch then gets cores / n_jobs threads.
+    n_jobs: int = 1
+    # The sweep stops once failed trials exceed this share of n_trials (the stock plugin's
+    # 0.0 stops at the first failure).
+    max_failure_rate: float = 0.25
+    # With `storage` null, a study lives in the journal file <journal_dir>/<study_name>.journal.
+    # (With `study_name` null, the study is named after the job and the sweep's start time.)
+    journal_dir: str = "${hydra.sweep.dir}"
+    # A RUNNING trial whose sweep process is gone (same host), or whose job has not sent a
+    # heartbeat for this many seconds (any host), is failed when a sweep starts on the study.
+    stale_after_seconds: float = 3600.0
+    # MLflow parent run of the study; null: no MLflow at all.
+    tracking: SweepTrackingConf | None = None
+    # A function (dotted path, vaelab.* only) called once with one trial's config before the
+    # first trial; it raises to stop the sweep. vaelab's: vaelab.config.check_run_config.
+    validate: str | None = None
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="vaelab_optuna", node=VaelabOptunaSweeperConf, provider="vaelab"
+)
+
+
+class SweepConfigError(ConfigError, CompactHydraException):
+    """A sweep config that cannot work, found before the first trial (Hydra prints the message
+    alone, without a traceback)."""
+
+
+class FailureBudgetExceeded(RuntimeError):
+    """More trials failed than max_failure_rate x n_trials allows."""
+
+
+class VaelabOptunaSweeper(OptunaSweeperImpl):
+    """Hydra sweeper: Optuna trials as Hydra jobs, optionally recorded in MLflow."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        journal_dir: str,
+        stale_after_seconds: float,
+        tracking: DictConfig | None,
+        validate: str | None,
+    ) -> None:
+        # The sampler comes from Optuna or the plugin (as in the stock OptunaSweeper), never
+        # from anything a config could name.
+        sampler = instantiate(
+            sampler,
+            _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
+        )
+        super().__init__(
+            sampler,
+            direction,
+            storage,
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+            custom_search_space,
+            params,
+        )
+        self.journal_dir = journal_dir
+        self.stale_after_seconds = stale_after_seconds
+        self.tracking = tracking
+        self.validate = validate
+
+    def sweep(self, arguments: list[str]) -> None:
+        """Check the config, then run the study up to n_trials trials, resuming what it holds."""
+        assert self.config is not None and self.launcher is not None
+        search_space, fixed_params, fixed_overrides = self._search_space(arguments)
+        fixed = [*(f"{name}={value}" for name, value in fixed_params.items()), *fixed_overrides]
+        self._check_job_config(search_space, fixed)
+
+        self._build_grid_sampler(search_space)
+        study, storage_spec = self._open_study()
+        record: MlflowSweepRecord | None = build(self.tracking) if self.tracking else None
+        self._fail_stale_trials(study, record)
+        parent_run_id = None
+        if record is not None:
+            tags = self._parent_tags(study, storage_spec, search_space)
+            parent_run_id = record.open_parent(study.study_name, tags)
+
+        try:
+            handed = self._trial_keys(study.study_name, storage_spec, parent_run_id)
+            self._run_trials(study, search_space, fixed_params, fixed_overrides, handed)
+            self._report(study, record, parent_run_id, storage_spec)
+        except BaseException as err:
+            try:
+                if isinstance(err, FailureBudgetExceeded):
+                    self._report(study, record, parent_run_id, storage_spec)  # what did run
+            finally:
+                self._leave_nothing_running(study, record, parent_run_id, err)
+            raise
+        if record is not None:
+            record.close_parent(parent_run_id, "FINISHED")
+
+    def _search_space(
+        self, arguments: list[str]
+    ) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
+        """hydra.sweeper.params and the command line's overrides: what is swept, what fixed."""
+        self._process_searchspace_config()
+        search_space, fixed_params, fixed_overrides = create_params_from_overrides(
+            self._parse_sweeper_params_config() + list(arguments)
+        )
+        for name in fixed_params:
+            if search_space.pop(name, None) is not None:
+                log.warning(
+                    "%s is both swept and fixed: the fixed value %s is used",
+                    name,
+                    fixed_params[name],
+                )
+        return search_space, fixed_params, fixed_overrides
+
+    def _open_study(self) -> tuple[optuna.Study, str]:
+        """The study, created or loaded, and its storage as a string.
+
+        With no study_name a study of its own (named after the job and the start time), so two
+        sweeps never share one by accident; with no storage a journal file of its own.
+        """
+        study_name = self.study_name or self._new_study_name()
+        # Absolute: a job that changes its directory (hydra.job.chdir) still finds the journal.
+        journal = journal_path(self.journal_dir, study_name).absolute()
+        storage_spec = str(self.storage or journal)
+        directions = self._get_directions()
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=open_storage(storage_spec),
+            sampler=self.sampler,
+            directions=directions,
+            load_if_exists=True,
+        )
+        log.info(
+            "Study %r in %s: %d trials finished already, n_trials %d; sampler %s, directions %s",
+            study_name,
+            storage_spec,
+            len(study.get_trials(deepcopy=False, states=FINISHED)),
+            self.n_trials,
+            type(self.sampler).__name__,
+            directions,
+        )
+        return study, storage_spec
+
+    def _new_study_name(self) -> str:
+        """A study of its own for a sweep that names none: the job name and the start time."""
+        return f"{self.config.hydra.job.name}-{datetime.now():%Y-%m-%d_%H-%M-%S_%f}"
+
+    def _parent_tags(
+        self, study: optuna.Study, storage_spec: str, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, str]:
+        """What the MLflow parent run says about the sweep."""
+        return {
+            "sweep.study_name": study.study_name,
+            "sweep.storage": storage_spec,
+            "sweep.sampler": type(self.sampler).__name__,
+            "sweep.directions": ",".join(self._get_directions()),
+            "sweep.search_space": str({name: str(d) for name, d in search_space.items()}),
+            "sweep.dir": str(self.config.hydra.sweep.dir),
+        }
+
+    # --- before the first trial -----------------------------------------------------------
+
+    def _check_job_config(
+        self, search_space: dict[str, BaseDistribution], fixed: list[str]
+    ) -> None:
+        """Compose one trial's config and validate it; SweepConfigError naming what is wrong.
+
+        The trial takes the first choice or the low end of each swept distribution: a key
+        missing from the job's config, or a value of the wrong type, fails here as it would
+        fail every trial.
+        """
+        sample = [f"{name}={_first_value(dist)}" for name, dist in search_space.items()]
+        try:
+            job_config = self._compose_job_config([*sample, *fixed])
+        except (HydraException, OmegaConfBaseException) as err:
+            raise SweepConfigError(self._composition_failure(search_space, fixed, err)) from err
+        if not self.validate:
+            return
+        try:
+            check = build(OmegaConf.create({"_target_": self.validate, "_partial_": True}))
+        except ConfigError as err:
+            raise SweepConfigError(f"hydra.sweeper.validate={self.validate}: {err}") from err
+        try:
+            check(job_config)
+        except Exception as err:
+            why = str(err) if isinstance(err, VaelabError) else f"{type(err).__name__}: {err}"
+            raise SweepConfigError(
+                f"The sweep stopped before its first trial, as {self.validate} found: {why}"
+            ) from err
+
+    def _compose_job_config(self, overrides: Sequence[str]) -> DictConfig:
+        """The config a job launched with these overrides receives (without `hydra`)."""
+        assert self.hydra_context is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with read_write(config), open_dict(config):
+            del config["hydra"]
+        return config
+
+    def _composition_failure(
+        self, search_space: dict[str, BaseDistribution], fixed: list[str], err: Exception
+    ) -> str:
+        """Why a trial's config does not compose: the swept keys the job's config lacks, or
+        Hydra's own message."""
+        try:
+            job_config = self._compose_job_config(fixed)
+        except (HydraException, OmegaConfBaseException):
+            job_config = None  # the fixed overrides fail by themselves: Hydra's message says how
+        missing = [
+            name
+            for name in search_space
+            if job_config is not None and _is_config_key(name) and not _has_key(job_config, name)
+        ]
+        if not missing:
+            return f"The sweep stopped before its first trial: its config does not compose: {err}"
+        parent, _, _ = missing[0].rpartition(".")
+        node = OmegaConf.select(job_config, parent) if parent else job_config
+        keys = ", ".join(map(str, node)) if isinstance(node, DictConfig) else ""
+        there = f" ({parent or 'the root'} has {keys})" if keys else ""
+        return (
+            f"The sweep stopped before its first trial: it sweeps {', '.join(missing)}, which "
+            f"this job's config does not have{there}. Sweep a key the config has, or choose a "
+            "config (an experiment, a group option) that has it."
+        )
+
+    def _build_grid_sampler(self, search_space: dict[str, BaseDistribution]) -> None:
+        """A GridSampler needs the search space itself (as the stock plugin does)."""
+        is_grid = (
+            isinstance(self.sampler, functools.partial)
+            and self.sampler.func == optuna.samplers.GridSampler
+        )
+        if is_grid:
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in search_space.items()}
+            self.sampler = self.sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+
+    def _fail_stale_trials(self, study: optuna.Study, record: "MlflowSweepRecord | None") -> None:
+        """Fail RUNNING trials left by a sweep process that died, and close their MLflow runs."""
+        host = socket.gethostname()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = trial.user_attrs
+            owner_gone = attrs.get("sweeper_host") == host and not _pid_alive(
+                attrs.get("sweeper_pid")
+            )
+            last_sign = attrs.get("heartbeat", trial.datetime_start.timestamp())
+            silent = time.time() - last_sign > self.stale_after_seconds
+            if not (owner_gone or silent):
+                continue
+            why = (
+                f"stale: its sweep process (pid {attrs.get('sweeper_pid')} on {host}) is gone"
+                if owner_gone
+                else f"stale: no heartbeat for {self.stale_after_seconds:.0f} s"
+            )
+            if _fail_trial(study, trial, why, record):
+                log.warning("Trial %d was left RUNNING; marked FAILED (%s)", trial.number, why)
+
+    # --- the trials -------------------------------------------------------------------------
+
+    def _run_trials(
+        self,
+        study: optuna.Study,
+        search_space: dict[str, BaseDistribution],
+        fixed_params: dict[str, Any],
+        fixed_overrides: list[str],
+        handed: tuple[str, ...],
+    ) -> None:
+        """Ask, launch and tell in batches of n_jobs until the study holds n_trials trials.
+
+        `handed`: the overrides that hand each job its trial, besides its number (none for an
+        app without an `optuna_trial` group).
+        """
+        n_objectives = len(study.directions)
+        allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
+        where_else = " and its FAILED run in MLflow" if self.tracking else ""
+        failures, last_failure = 0, None
+        while (batch_size := min(self.n_jobs, self._trials_to_go(study))) > 0:
+            trials = [study.ask() for _ in range(batch_size)]
+            for trial in trials:
+                # Who owns this RUNNING trial, so a later sweep can tell whether it died.
+                trial.set_user_attr("sweeper_host", socket.gethostname())
+                trial.set_user_attr("sweeper_pid", os.getpid())
+            trial_settings = self._configure_trials(
+                trials, search_space, fixed_params, fixed_overrides
+            )
+            overrides = [
+                (*settings, *handed, f"optuna_trial.number={trial.number}") if handed else settings
+                for trial, settings in zip(trials, trial_settings, strict=True)
+            ]
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            for trial, ret in zip(trials, returns, strict=True):
+                if self._tell(study, trial, ret, n_objectives) == TrialState.FAIL:
+                    failures += 1
+                    last_failure = _failure(trial, ret)
+            if failures > allowed_failures:
+                raise FailureBudgetExceeded(
+                    f"{failures} failed trials exceed max_failure_rate={self.max_failure_rate} "
+                    f"of n_trials={self.n_trials}; each trial's fail_reason is in study "
+                    f"{study.study_name!r}{where_else}. The last failure is above."
+                ) from last_failure
+
+    def _trials_to_go(self, study: optuna.Study) -> int:
+        """Trials still to ask: n_trials counts every trial of the study, in any process."""
+        live = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+        return self.n_trials - len(study.get_trials(deepcopy=False, states=live))
+
+    def _trial_keys(
+        self, study_name: str, storage_spec: str, parent_run_id: str | None
+    ) -> tuple[str, ...]:
+        """The overrides that hand every job its study (its number comes per trial), for an
+        app whose config has an `optuna_trial` group; none for any other app."""
+        if not isinstance(OmegaConf.select(self.config, "optuna_trial"), DictConfig):
+            return ()
+        # Trials that share this machine at once: the basic launcher runs them one by one.
+        parallel = 1 if "BasicLauncher" in type(self.launcher).__name__ else self.n_jobs
+        return (
+            f"optuna_trial.study_name={_quoted(study_name)}",
+            f"optuna_trial.storage={_quoted(storage_spec)}",
+            f"optuna_trial.parent_run_id={parent_run_id or 'null'}",
+            f"optuna_trial.n_parallel={parallel}",
+        )
+
+    @staticmethod
+    def _tell(
+        study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int
+    ) -> TrialState:
+        """Record one job's outcome in the study; never raises for a bad job."""
+        if ret.status == JobStatus.COMPLETED:
+            value = ret.return_value
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            reason = None
+            try:
+                values = [float(v) for v in values]
+            except (TypeError, ValueError):
+                reason = f"objective must be float-castable, got {value!r}"
+            if reason is None and len(values) != n_objectives:
+                reason = f"expected {n_objectives} objective values, got {len(values)}"
+            if reason is None and not all(math.isfinite(v) for v in values):
+                reason = f"objective is not finite: {values}"
+            if reason is None:
+                _tell_study(study, trial, TrialState.COMPLETE, values)
+                log.info("Trial %d complete: %s", trial.number, values)
+                return TrialState.COMPLETE
+        else:
+            error = ret._return_value  # JobReturn.return_value re-raises it; the sweep must not
+            if isinstance(error, optuna.TrialPruned):
+                _tell_study(study, trial, TrialState.PRUNED)
+                log.info("Trial %d pruned: %s", trial.number, error)
+                return TrialState.PRUNED
+            reason = f"{type(error).__name__}: {error}"
+        trial.set_user_attr("fail_reason", reason[:MAX_REASON_LENGTH])
+        _tell_study(study, trial, TrialState.FAIL)
+        log.warning("Trial %d failed: %s", trial.number, reason)
+        return TrialState.FAIL
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def _report(
+        self,
+        study: optuna.Study,
+        record: "MlflowSweepRecord | None",
+        parent_run_id: str | None,
+        storage_spec: str,
+    ) -> None:
+        """optimization_results.yaml in the sweep folder, the parent run's summary, the log."""
+        summary = summarise(study)
+        results = write_results(summary, Path(self.config.hydra.sweep.dir))
+        if record is not None:
+            record.fill_parent(parent_run_id, study, summary, results)
+        log_summary(summary, results, storage_spec)
+
+    def _leave_nothing_running(
+        self,
+        study: optuna.Study,
+        record: "MlflowSweepRecord | None",
+        parent_run_id: str | None,
+        err: BaseException,
+    ) -> None:
+        """After an error: fail this process's RUNNING trials and close the parent run, each
+        with the reason (KILLED for Ctrl-C, FAILED otherwise)."""
+        reason = f"{type(err).__name__}: {err}"
+        host, pid = socket.gethostname(), os.getpid()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            mine = trial.user_attrs.get("sweeper_host") == host
+            if mine and trial.user_attrs.get("sweeper_pid") == pid:
+                _fail_trial(study, trial, f"the sweep stopped: {reason}", record)
+        if record is not None:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            record.close_parent(parent_run_id, status, reason)
+        log.error("Sweep of study %r stopped: %s", study.study_name, reason)
+
+
+def _first_value(distribution: BaseDistribution) -> Any:
+    """A value a trial could get: the first choice, or the low end of a range."""
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[0]
+    return distribution.low
+
+
+def _is_config_key(name: str) -> bool:
+    """A swept name that must already exist in the job's config: not `+key` (appended),
+    `~key` (deleted), a config group (`group/option`) or a Hydra setting."""
+    return not name.startswith(("+", "~", "hydra.")) and "/" not in name
+
+
+def _has_key(config: DictConfig, key: str) -> bool:
+    """Whether a dotted key exists in the config (its value may be null)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def _quoted(text: str) -> str:
+    """A string as a quoted Hydra override value, whatever characters it holds."""
+    return QuotedString(text=text, quote=Quote.single).with_quotes()
+
+
+def _failure(trial: optuna.Trial, ret: JobReturn) -> BaseException:
+    """Why a trial failed: its job's exception, or a ValueError saying what was wrong with the
+    value a completed job returned."""
+    if ret.status == JobStatus.COMPLETED:
+        return ValueError(f"trial {trial.number}: {trial.user_attrs['fail_reason']}")
+    return ret._return_value
+
+
+def _fail_trial(
+    study: optuna.Study, trial: FrozenTrial, reason: str, record: "MlflowSweepRecord | None"
+) -> bool:
+    """Fail a RUNNING trial with its reason, and close its MLflow run; False if another
+    process settled it first."""
+    try:
+        study._storage.set_trial_user_attr(
+            trial._trial_id, "fail_reason", reason[:MAX_REASON_LENGTH]
+        )
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    if record is not None and "mlflow_run_id" in trial.user_attrs:
+        record.close_trial_run(trial.user_attrs["mlflow_run_id"], reason)
+    return True
+
+
+def _tell_study(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None = None
+) -> None:
+    """study.tell, tolerating the GridSampler's study.stop() once the grid is exhausted: that
+    call is meant for study.optimize and raises under ask-and-tell (as the stock plugin found)."""
+    try:
+        study.tell(trial, values=values, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
+def _pid_alive(pid: int | None) -> bool:
+    """Whether a process with this id exists on this host."""
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
