@@ -1,9 +1,16 @@
 """Shared fixtures: compose the real configs, shrunk for the CPU."""
 
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import h5py
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+
+from vaelab.models.vqvae import VQVAE
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -26,6 +33,22 @@ TINY_MULTISCALE = [
 TINY_MLP = [*TINY_TRAINER, *TINY_VITALS, *MLP]
 
 
+@pytest.fixture(scope="session")
+def tiny() -> SimpleNamespace:
+    """Override lists of a tiny run, to splice into compose_config or a command line.
+
+    trainer: 2 epochs of batch 8 on the CPU; vitals: 24 generated patients of 300 hours;
+    mlp: a narrow dense model; mlp_run and multiscale_run: complete tiny runs.
+    """
+    return SimpleNamespace(
+        trainer=list(TINY_TRAINER),
+        vitals=list(TINY_VITALS),
+        mlp=list(MLP),
+        mlp_run=list(TINY_MLP),
+        multiscale_run=list(TINY_MULTISCALE),
+    )
+
+
 @pytest.fixture
 def compose_config(tmp_path):
     """compose(overrides) -> the train config, writing under this test's tmp_path."""
@@ -36,3 +59,73 @@ def compose_config(tmp_path):
             return compose("train", overrides=[f"paths.output_root={root}", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def conf_dir() -> Path:
+    """The project's conf/ folder, for tests that read a YAML file as text."""
+    return CONF
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread, then restore the count.
+
+    On the shared 2-core machine, OpenMP's second thread mostly waits at barriers for a core
+    another process holds: a step of a 40-step LSTM took 1-5 s on two threads, 0.01 s on one.
+    Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def write_h5():
+    """write_h5(path, **datasets) -> str: one HDF5 dataset per keyword, the path as str."""
+
+    def _write(path: Path, **datasets: object) -> str:
+        with h5py.File(path, "w") as f:
+            for key, data in datasets.items():
+                f.create_dataset(key, data=data)
+        return str(path)
+
+    return _write
+
+
+@pytest.fixture
+def tiny_vqvae():
+    """tiny_vqvae(**kwargs) -> a VQVAE on (40, 1) series, seeded: 2 latents of 2 dims, 4 codes."""
+
+    def _make(**kwargs: object) -> VQVAE:
+        torch.manual_seed(0)
+        settings = dict(n_latents=2, code_dim=2, codebook_size=4, channels=[4, 8]) | kwargs
+        return VQVAE([40, 1], **settings)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, tiny) -> SimpleNamespace:
+    """One tiny multi-scale sweep, run once per test session for the notebook and UI tests:
+    `root` (its output root), `study` and `n_trials` (every trial feasible: kl_threshold 0)."""
+    sweep = SimpleNamespace(root=None, study="notebooks", n_trials=3)
+    base = tmp_path_factory.mktemp("tiny_sweep")
+    sweep.root = base / "multirun"
+    command = [
+        sys.executable,
+        "-m",
+        "vaelab.train",
+        "--multirun",
+        "hparams_search=quick",
+        *tiny.multiscale_run,
+        f"paths.output_root={sweep.root}",
+        f"hydra.sweeper.study_name={sweep.study}",
+        f"hydra.sweeper.n_trials={sweep.n_trials}",
+        "sweep/pruner=none",
+        "sweep.kl_threshold=0.0",  # every trial feasible: the report shows a best trial
+    ]
+    result = subprocess.run(command, cwd=base, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep

@@ -5,9 +5,20 @@ import math
 import pytest
 import torch
 
-from vaelab.diagnostics import active_units, collapse_verdict, evaluate, mutual_information
-from vaelab.losses import ElboLoss
+from vaelab.diagnostics import (
+    active_units,
+    codebook_usage,
+    codebook_verdict,
+    collapse_verdict,
+    diagnose,
+    mutual_information,
+)
+from vaelab.losses import ElboLoss, VQLoss, code_perplexity
 from vaelab.models.base import VAEOutput
+
+
+def output(recon, mu, logvar, branches=None):
+    return VAEOutput(recon=recon, mu=mu, logvar=logvar, z=mu, branches=branches or {})
 
 
 def test_active_units_counts_dimensions_whose_mean_varies():
@@ -92,8 +103,8 @@ def test_recon_z0_separates_a_decoder_that_uses_z_from_one_that_ignores_it():
     x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
     masks = torch.ones_like(x)
     args = dict(loss_fn=ElboLoss(), beta=1.0, batch_size=16, device=torch.device("cpu"))
-    uses = evaluate(LookupVAE(uses_z=True), x, masks, **args)
-    ignores = evaluate(LookupVAE(uses_z=False), x, masks, **args)
+    uses = diagnose(LookupVAE(uses_z=True), x, masks, **args)
+    ignores = diagnose(LookupVAE(uses_z=False), x, masks, **args)
     assert uses.recon == pytest.approx(0.0, abs=1e-12)
     assert uses.recon_z0 == pytest.approx(float((x**2).mean()))
     assert ignores.recon == pytest.approx(ignores.recon_z0)  # collapse signature
@@ -102,25 +113,72 @@ def test_recon_z0_separates_a_decoder_that_uses_z_from_one_that_ignores_it():
     assert metrics["val/kl"] == pytest.approx(float(0.5 * (x[:, 0] ** 2).mean()))
 
 
-def test_reference_loss_is_the_loss_at_the_final_weights():
-    # For the ELBO the loss is linear in β: the reference loss at β=2 equals the loss at β=0.5
+def test_loss_final_weights_is_the_loss_at_the_final_weights():
+    # For the ELBO the loss is linear in β: the loss at the final β=2 equals the loss at β=0.5
     # plus 1.5 x the constrained KL.
     x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
     args = dict(batch_size=16, device=torch.device("cpu"))
     model = LookupVAE(uses_z=False)  # KL 0.5 mu² > 0, reconstruction error > 0
-    now = evaluate(model, x, torch.ones_like(x), ElboLoss(), 0.5, reference=(2.0, 9.0), **args)
-    final = evaluate(model, x, torch.ones_like(x), ElboLoss(), 2.0, **args)
-    assert now.loss_reference == pytest.approx(final.loss)
-    assert now.loss_reference == pytest.approx(now.loss + 1.5 * now.kl_constrained)
-    assert final.loss_reference is None
+    now = diagnose(model, x, torch.ones_like(x), ElboLoss(), 0.5, final_weights=(2.0, 9.0), **args)
+    final = diagnose(model, x, torch.ones_like(x), ElboLoss(), 2.0, **args)
+    assert now.loss_final_weights == pytest.approx(final.loss)
+    assert now.loss_final_weights == pytest.approx(now.loss + 1.5 * now.kl_constrained)
+    assert final.loss_final_weights is None
+    assert now.metrics("val")["val/loss_final_weights"] == now.loss_final_weights
+    assert "val/loss_final_weights" not in final.metrics("val")
 
 
 def test_codebook_verdict():
-    from vaelab.diagnostics import codebook_verdict
-
     one_code = torch.zeros(50, 4, dtype=torch.long)
     assert codebook_verdict(one_code, recon=0.1, recon_z0=1.0)["verdict"] == "collapsed"
     many = torch.arange(200).reshape(50, 4) % 7
     assert codebook_verdict(many, recon=0.1, recon_z0=1.0)["verdict"] == "healthy"
     ignored = codebook_verdict(many, recon=0.99, recon_z0=1.0)
     assert ignored["verdict"] == "collapsed" and ignored["codebook_usage"] == 7
+
+
+# --- quantising models: codebook usage instead of active units --------------------------------
+
+
+def test_codebook_usage_and_perplexity_by_hand():
+    uniform = torch.tensor([[0, 1], [2, 3]])
+    assert codebook_usage(uniform) == 4
+    assert code_perplexity(uniform).item() == pytest.approx(4.0)
+    skewed = torch.tensor([[5, 5], [5, 9]])  # p = (3/4, 1/4)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert codebook_usage(skewed) == 2
+    assert code_perplexity(skewed).item() == pytest.approx(math.exp(entropy))
+    assert code_perplexity(torch.zeros(3, 2, dtype=torch.long)).item() == pytest.approx(1.0)
+
+
+def test_diagnose_reports_codebook_metrics_of_a_vqvae(tiny_vqvae):
+    model = tiny_vqvae(codebook_size=8)
+    values = torch.randn(30, 40, 1)
+    masks = torch.ones_like(values)
+    codebook = model.codebook.clone()
+    result = diagnose(model, values, masks, VQLoss(), 1.0, 8, torch.device("cpu"))
+    codes = model.nearest_codes(model.encode_continuous(values))  # model is in eval mode now
+    assert torch.equal(result.codes, codes)
+    assert torch.equal(model.codebook, codebook)
+    metrics = result.metrics("val")
+    assert metrics["val/codebook_usage"] == len(torch.unique(codes)) >= 1
+    assert 1.0 <= metrics["val/codebook_perplexity"] <= metrics["val/codebook_usage"] + 1e-6
+    assert metrics["val/kl"] == pytest.approx(2 * math.log(8))
+    assert metrics["val/kl_constrained"] == 0.0
+    assert {"val/commitment", "val/codebook_loss", "val/perplexity"} <= set(metrics)
+
+
+def test_gaussian_diagnostics_have_no_codebook_metrics():
+    class Identity(torch.nn.Module):
+        latent_dim = 3
+
+        def decode(self, z):
+            return z, {}
+
+        def forward(self, x):
+            return output(x, x, torch.zeros_like(x))
+
+    x = torch.randn(10, 3)
+    result = diagnose(Identity(), x, torch.ones_like(x), ElboLoss(), 1.0, 4, torch.device("cpu"))
+    assert result.codes is None
+    assert not any("codebook" in name for name in result.metrics("val"))

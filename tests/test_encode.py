@@ -3,19 +3,21 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
 import mlflow
 import numpy as np
 import pytest
-from conftest import CONF, TINY_MLP
 from hydra import compose, initialize_config_dir
 
 from vaelab.data.vitals_synthetic import generate_vitals
 from vaelab.encode import encode
 from vaelab.errors import ConfigError, DataError
 from vaelab.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_encode(root, *overrides):
@@ -46,12 +48,12 @@ def read_latents(path):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny):
     """One tiny MLP run recorded in a store, and its own data rewritten as a user's h5 file."""
     tmp = tmp_path_factory.mktemp("encode")
     root = tmp / "multirun"
     with initialize_config_dir(config_dir=str(CONF)):
-        cfg = compose("train", overrides=[f"paths.output_root={root}", *TINY_MLP])
+        cfg = compose("train", overrides=[f"paths.output_root={root}", *tiny.mlp_run])
     train(cfg, tmp / "run")
     client = mlflow.MlflowClient(cfg.tracking.uri)
     (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -173,7 +175,10 @@ def test_exactly_one_of_run_id_and_checkpoint(tmp_path, overrides, found):
 
 def test_a_missing_data_path_is_named_before_the_model_is_looked_for(tmp_path):
     cfg = compose_encode(tmp_path, f"checkpoint={tmp_path / 'gone.pt'}", "dataset=h5")
-    with pytest.raises(ConfigError, match=r"^dataset\.path required: give dataset\.path=\.\.\.$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^dataset\.path required: give dataset\.path=\.\.\. on the command line$",
+    ):
         encode(cfg)
 
 

@@ -1,7 +1,6 @@
 """The notebooks under notebooks/ run headless against a tiny real sweep and show what they
 promise: no cell fails, figures come out, and the numbers match the MLflow store."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,46 +9,11 @@ import ipykernel.kernelspec
 import mlflow
 import nbformat
 import pytest
-from conftest import TINY_MULTISCALE
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-STUDY = "notebooks"
-N_TRIALS = 3
-
-
-def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output root of one tiny multi-scale sweep (N_TRIALS trials, every trial feasible),
-    run once per test session: tests/test_ui.py uses the same one."""
-    base = tmp_path_factory.getbasetemp() / "tiny_sweep"
-    root = base / "multirun"
-    if not (base / "done").exists():
-        base.mkdir(exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "vaelab.train",
-            "--multirun",
-            "hparams_search=quick",
-            *TINY_MULTISCALE,
-            f"paths.output_root={root}",
-            f"hydra.sweeper.study_name={STUDY}",
-            f"hydra.sweeper.storage={root}/optuna/{STUDY}.journal",
-            f"hydra.sweeper.n_trials={N_TRIALS}",
-            "sweep/pruner=none",
-            "sweep.kl_threshold=0.0",  # every trial feasible: the report shows a best trial
-        ]
-        result = subprocess.run(command, cwd=base, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        (base / "done").touch()
-    return root
-
-
-@pytest.fixture(scope="session")
-def sweep_root(tmp_path_factory):
-    return tiny_sweep(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -130,10 +94,13 @@ def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell():
 
 
 @pytest.mark.slow
-def test_sweep_report_runs_on_a_tiny_sweep(sweep_root, kernel_specs, tmp_path):
-    uri = f"sqlite:///{sweep_root}/mlflow.db"
+def test_sweep_report_runs_on_a_tiny_sweep(tiny_sweep, kernel_specs, tmp_path):
+    uri = f"sqlite:///{tiny_sweep.root}/mlflow.db"
     nb = execute(
-        "sweep_report.ipynb", {"TRACKING_URI": uri, "STUDY": STUDY}, kernel_specs, tmp_path
+        "sweep_report.ipynb",
+        {"TRACKING_URI": uri, "STUDY": tiny_sweep.study},
+        kernel_specs,
+        tmp_path,
     )
     # AU per setting, KL vs AU, the best trial's history, its reconstructions
     assert_ran_with_figures(nb, at_least=4)
@@ -141,15 +108,17 @@ def test_sweep_report_runs_on_a_tiny_sweep(sweep_root, kernel_specs, tmp_path):
 
     _, parent, children = sweep_runs(uri)
     assert summary["parent_run_id"] == parent.info.run_id
-    assert summary["n_trials"] == N_TRIALS == len(children)
-    assert summary["n_feasible"] == N_TRIALS  # kl_threshold 0: no trial can fall below it
+    assert summary["n_trials"] == tiny_sweep.n_trials == len(children)
+    assert (
+        summary["n_feasible"] == tiny_sweep.n_trials
+    )  # kl_threshold 0: no trial can fall below it
     assert summary["best_trial"] == int(parent.data.tags["sweep.best_trial"])
     assert summary["best_run_id"] in {c.info.run_id for c in children}
 
 
 @pytest.mark.slow
-def test_latent_explorer_opens_the_newest_run_or_a_local_file(sweep_root, kernel_specs, tmp_path):
-    uri = f"sqlite:///{sweep_root}/mlflow.db"
+def test_latent_explorer_opens_the_newest_run_or_a_local_file(tiny_sweep, kernel_specs, tmp_path):
+    uri = f"sqlite:///{tiny_sweep.root}/mlflow.db"
     nb = execute("latent_explorer.ipynb", {"TRACKING_URI": uri}, kernel_specs, tmp_path)
     # KL and Var(mu) per dimension, PCA by split, HDBSCAN clusters
     assert_ran_with_figures(nb, at_least=3)

@@ -3,8 +3,7 @@
 import pytest
 
 from vaelab.errors import ConfigError
-from vaelab.schedules import ConstantBeta, CyclicalBeta, LinearBeta
-from vaelab.settings import cosine_lr
+from vaelab.schedules import ConstantBeta, CyclicalBeta, LinearBeta, cosine_lr
 
 
 def test_constant():

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_notebooks import N_TRIALS, STUDY, tiny_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +84,8 @@ def tag(run: dict, key: str) -> str | None:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}.get(key)
 
 
-def test_make_ui_serves_the_sweep_on_loopback_only(tmp_path_factory, tmp_path):
-    root = tiny_sweep(tmp_path_factory)
+def test_make_ui_serves_the_sweep_on_loopback_only(tiny_sweep, tmp_path):
+    root = tiny_sweep.root
     port = free_port()
     command = [*MAKE_UI, f"OUT={root}", f"PORT={port}"]
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
@@ -136,7 +135,10 @@ def test_make_ui_serves_the_sweep_on_loopback_only(tmp_path_factory, tmp_path):
             search,
             {
                 "experiment_ids": experiments,
-                "filter": f"tags.`sweep.role` = 'parent' and tags.`sweep.study_name` = '{STUDY}'",
+                "filter": (
+                    "tags.`sweep.role` = 'parent' and "
+                    f"tags.`sweep.study_name` = '{tiny_sweep.study}'"
+                ),
             },
         ).get("runs", [])
         assert len(parents) == 1
@@ -150,9 +152,11 @@ def test_make_ui_serves_the_sweep_on_loopback_only(tmp_path_factory, tmp_path):
                 "max_results": 100,
             },
         ).get("runs", [])
-        assert len(children) == N_TRIALS
+        assert len(children) == tiny_sweep.n_trials
         assert all(tag(c, "trial_state") == "COMPLETE" for c in children)
-        assert sorted(int(tag(c, "sweep.trial_number")) for c in children) == list(range(N_TRIALS))
+        assert sorted(int(tag(c, "sweep.trial_number")) for c in children) == list(
+            range(tiny_sweep.n_trials)
+        )
 
         child = children[0]["info"]["run_id"]
         listed = api(port, f"/api/2.0/mlflow/artifacts/list?run_id={child}")

@@ -1,6 +1,6 @@
 """vaelab: Hydra-driven sweeps for variational autoencoders that do not collapse."""
 
 # Registers the ${vaelab.bundled:...} config resolver before any config is composed.
-from vaelab import bundled  # noqa: F401
+from vaelab import config  # noqa: F401
 
 __version__ = "0.1.0"

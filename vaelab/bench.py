@@ -1,11 +1,14 @@
 """Throughput of the seed 000 multi-scale Conv1D VAE on this machine, and what the loop costs.
 
-    python -m vaelab.bench          # make bench; about 1-3 minutes on 2 CPU cores
+    python -m vaelab.bench          # make bench; a few minutes on 2 CPU cores
 
 Reads top to bottom: the machine, its measured float32 matmul peak, one train step of the
-seed 000 model (samples/s, FLOPs, share of that peak), the real training loop against a bare
-loop of the same steps, every experiment's model on its own data shape, then one table.
-Figures go to stdout through logging. `python -m vaelab.bench_sweep` measures the sweeps.
+seed 000 experiment (samples/s, FLOPs, share of that peak), the same model with torch.nn's
+layers, the real training loop against a bare loop of the same steps, every experiment's
+model on its own data shape, then one table. Every figure comes from the experiment configs
+in conf/experiment/ and from `vaelab.loop.train_step`, the step the training loop takes, so
+the bench cannot drift from what `python -m vaelab.train` runs. Figures go to stdout through
+logging. `python -m vaelab.bench_sweep` measures the sweeps.
 """
 
 import logging
@@ -21,30 +24,19 @@ from pathlib import Path
 import mlflow
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaelab.data.prepare import prepare
-from vaelab.losses import ElboLoss
-from vaelab.models.multiscale_conv1d import (
-    Dropout,
-    MultiScaleConv1DVAE,
-    PolyphaseConvTranspose1d,
-)
-from vaelab.settings import TRUSTED_TARGETS
-from vaelab.train import build, train
+from vaelab.config import build
+from vaelab.data.prepare import PreparedData, prepare
+from vaelab.loop import TrainerSettings, epoch_batches, train_step
+from vaelab.train import train
 
 log = logging.getLogger("vaelab.bench")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-# Seed 000: 745 hourly steps x 7 vitals, batch 64, and its model, loss and optimiser settings.
-INPUT_SHAPE = (745, 7)
-BATCH_SIZE = 64
-LATENT_DIM, BASE_CHANNELS, DROPOUT = 32, 64, 0.2
-FREE_BITS, BRANCH_WEIGHT, BETA = 2.0, 0.8, 0.5
-GRAD_CLIP, LR = 5.0, 1e-3
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+SEED000 = "multiscale_vitals"  # seed 000's model, data shape, batch, loss and optimiser
 
 # The users' figures for the seed plan's own model on this kind of machine.
 REFERENCE_SAMPLES_PER_SECOND = 200.0
@@ -53,20 +45,8 @@ REFERENCE_PEAK_SHARE = 0.22
 # Part (d): the real loop, kept short; epoch 0 is warm-up and left out of the figures.
 LOOP_PATIENTS, LOOP_EPOCHS = 200, 3
 
-# Part (e): every model at its experiment's data shape, batch size, loss and schedule. Only the
+# Every step figure is taken at the experiment's own sample shape and batch size; only the
 # number of generated samples is cut (the shape of one sample is what a step costs).
-EXPERIMENTS = (
-    "multiscale_vitals",
-    "quick",
-    "lstm_vitals_baseline",
-    "conv_lstm_vitals",
-    "vqvae_vitals",
-    "kmer_mlp",
-    "mri3d_baseline",
-    "mri3d_dipvae",
-    "digits",
-    "mnist1d",
-)
 FEW_SAMPLES = {"n_patients": 8, "n_subjects": 6, "n_samples": 200}
 
 
@@ -166,98 +146,79 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> tupl
     return best, best_n
 
 
-def seed000_model(stock_layers: bool = False) -> MultiScaleConv1DVAE:
-    """The seed 000 multi-scale Conv1D VAE, in training mode.
-
-    With stock_layers its faster transposed convolutions and dropout become the torch.nn
-    classes they subclass (same parameters, same outputs to float32 rounding): the same model
-    as torch alone runs it, for a like-for-like speed-up on this machine.
-    """
-    model = MultiScaleConv1DVAE(INPUT_SHAPE, LATENT_DIM, BASE_CHANNELS, DROPOUT)
-    if stock_layers:
-        for module in model.modules():
-            if isinstance(module, PolyphaseConvTranspose1d):
-                module.__class__ = torch.nn.ConvTranspose1d
-            elif isinstance(module, Dropout):
-                module.__class__ = torch.nn.Dropout
-    return model.train()
-
-
-def train_step(
-    model,
-    loss_fn,
-    optimizer,
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    beta: float = BETA,
-    grad_clip: float | None = GRAD_CLIP,
-    epoch: float = 0.0,
-) -> None:
-    """One optimiser step as vaelab.train takes it: forward, loss at β, backward, clip, step.
-
-    The defaults are seed 000's β and clipping.
-    """
-    terms = loss_fn(model(x), x, mask, beta, epoch)
-    optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
-def step_speed(warmup: int = 3, steps: int = 20, stock_layers: bool = False) -> dict[str, float]:
-    """Median train-step time at batch 64 and the FLOPs of one step (FlopCounterMode)."""
-    torch.manual_seed(0)
-    model = seed000_model(stock_layers)
-    loss_fn = ElboLoss(free_bits=FREE_BITS, branch_weight=BRANCH_WEIGHT)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    x = torch.randn(BATCH_SIZE, *INPUT_SHAPE)
-    mask = (torch.rand(BATCH_SIZE, *INPUT_SHAPE) > 0.05).float()  # 5% missing, as generated
-    for _ in range(warmup):
-        train_step(model, loss_fn, optimizer, x, mask)
-    load = OtherLoad()
-    load.start()
-    seconds = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        train_step(model, loss_fn, optimizer, x, mask)
-        seconds.append(time.perf_counter() - started)
-    other_cores = load.stop()
-    # Counts the matmuls and convolutions of forward and backward, 2 FLOPs per multiply-add.
-    with FlopCounterMode(display=False) as counter:
-        train_step(model, loss_fn, optimizer, x, mask)
-    return {
-        "median": statistics.median(seconds),
-        "best": min(seconds),
-        "flops": counter.get_total_flops(),
-        "other_cores": other_cores,
-    }
-
-
-def compose_loop_config(output_root: Path) -> DictConfig:
-    """The train config of part (d): seed 000's experiment, 200 patients, 3 epochs, temp store."""
-    overrides = [
-        "experiment=multiscale_vitals",
-        f"paths.output_root={output_root}",
-        f"dataset.n_patients={LOOP_PATIENTS}",
-        f"dataset.seq_len={INPUT_SHAPE[0]}",
-        f"trainer.epochs={LOOP_EPOCHS}",
-        "trainer.patience=null",
-        "trainer.device=cpu",
-        f"trainer.batch_size={BATCH_SIZE}",
-        f"trainer.lr={LR}",
-        f"trainer.grad_clip={GRAD_CLIP}",
-        f"model.latent_dim={LATENT_DIM}",
-        f"model.base_channels={BASE_CHANNELS}",
-        f"model.dropout={DROPOUT}",
-        f"loss.free_bits={FREE_BITS}",
-        f"loss.branch_weight={BRANCH_WEIGHT}",
-        f"schedule.beta={BETA}",
-        "evaluation.downstream=false",  # after the epochs, so outside the figures; saves time
-        "run_name=bench",
-    ]
+def compose_experiment(name: str, output_root: Path, overrides: tuple[str, ...] = ()) -> DictConfig:
+    """experiment=name with few generated samples, on the CPU, writing under output_root."""
+    base = [f"experiment={name}", f"paths.output_root={output_root}", "trainer.device=cpu"]
     with initialize_config_dir(config_dir=str(CONF_DIR)):  # Hydra 1.4: no version_base
-        return compose("train", overrides=overrides)
+        cfg = compose("train", overrides=[*base, *overrides])
+    for key, count in FEW_SAMPLES.items():
+        if key in cfg.dataset and f"dataset.{key}" not in " ".join(overrides):
+            cfg.dataset[key] = count
+    return cfg
+
+
+class Parts:
+    """An experiment's data, model, loss, β schedule, settings and optimiser, built from its
+    config exactly as vaelab.train builds them."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.data: PreparedData = prepare(
+            build(cfg.dataset), cfg.split.val_fraction, cfg.split.test_fraction, cfg.seed
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = build(cfg.model, input_shape=self.data.sampleset.sample_shape).train()
+        self.loss_fn, self.beta_schedule = build(cfg.loss), build(cfg.schedule)
+        self.settings: TrainerSettings = build(cfg.trainer)
+        self.optimizer = self.settings.optimizer(self.model.parameters())
+
+    def step(self, batch: torch.Tensor, epoch: float) -> None:
+        """One vaelab.loop.train_step on these samples at this fractional epoch."""
+        x, mask = self.data.values[batch], self.data.masks[batch]
+        beta = self.beta_schedule(epoch)
+        train_step(
+            self.model, self.loss_fn, self.optimizer, x, mask, beta, epoch, self.settings.grad_clip
+        )
+
+
+def step_speed(cfg: DictConfig, warmup: int = 2, steps: int = 6, flops: bool = False) -> dict:
+    """Median train step of the experiment at its batch size; its FLOPs too if asked.
+
+    Batches are drawn with replacement from all samples: the figure is about the step, and the
+    few generated samples may be fewer than one batch. The step runs at the last epoch, where
+    every schedule has settled (β, capacity, DIP λ at their final values).
+    """
+    parts = Parts(cfg)
+    batch_size, epoch = parts.settings.batch_size, float(parts.settings.epochs)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(len(parts.data.values), (batch_size,), generator=generator)
+        for _ in range(warmup + steps)
+    ]
+    load = OtherLoad()
+    seconds = []
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            load.start()
+        started = time.perf_counter()
+        parts.step(batch, epoch)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - started)
+    figures = {
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "shape": "x".join(str(n) for n in parts.data.sampleset.sample_shape),
+        "batch": batch_size,
+        "parameters": sum(p.numel() for p in parts.model.parameters()),
+        "step": statistics.median(seconds),
+        "best": min(seconds),
+        "samples_per_second": batch_size / statistics.median(seconds),
+        "other_cores": load.stop(),
+    }
+    if flops:
+        # Counts the matmuls and convolutions of forward and backward, 2 FLOPs per multiply-add.
+        with FlopCounterMode(display=False) as counter:
+            parts.step(batches[0], epoch)
+        figures["flops"] = counter.get_total_flops()
+    return figures
 
 
 def full_loop_epochs(cfg: DictConfig, run_dir: Path) -> list[float]:
@@ -271,23 +232,15 @@ def full_loop_epochs(cfg: DictConfig, run_dir: Path) -> list[float]:
 
 
 def bare_loop_epochs(cfg: DictConfig) -> list[float]:
-    """Seconds per epoch of the same train steps on the same data, and nothing else."""
-    with execution_whitelist(list(TRUSTED_TARGETS)):
-        dataset = build(cfg.dataset)
-    data = prepare(dataset, cfg.split.val_fraction, cfg.split.test_fraction, cfg.seed)
-    train_index = data.indices("train")
-    steps_per_epoch = max(len(train_index) // BATCH_SIZE, 1)  # as vaelab.train counts them
-    torch.manual_seed(cfg.seed)
-    model = seed000_model()
-    loss_fn = ElboLoss(free_bits=FREE_BITS, branch_weight=BRANCH_WEIGHT)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    """Seconds per epoch of the loop's own batches and train steps, and nothing else."""
+    parts = Parts(cfg)
+    train_index = parts.data.indices("train")
     epochs = []
-    for _ in range(LOOP_EPOCHS):
+    for epoch in range(parts.settings.epochs):
         started = time.perf_counter()
-        order = train_index[torch.randperm(len(train_index))]
-        for step in range(steps_per_epoch):
-            batch = order[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
-            train_step(model, loss_fn, optimizer, data.values[batch], data.masks[batch])
+        batches = epoch_batches(train_index, parts.settings.batch_size)
+        for step, batch in enumerate(batches):
+            parts.step(batch, epoch + step / len(batches))
         epochs.append(time.perf_counter() - started)
     return epochs
 
@@ -295,8 +248,15 @@ def bare_loop_epochs(cfg: DictConfig) -> list[float]:
 def loop_overhead() -> dict[str, object]:
     """Seconds per epoch (epoch 0 left out) of vaelab.train's loop and of a bare loop."""
     load = OtherLoad()
+    overrides = (
+        f"dataset.n_patients={LOOP_PATIENTS}",
+        f"trainer.epochs={LOOP_EPOCHS}",
+        "trainer.patience=null",
+        "evaluation.downstream=false",  # after the epochs, so outside the figures; saves time
+        "run_name=bench",
+    )
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
-        cfg = compose_loop_config(Path(tmp) / "multirun")
+        cfg = compose_experiment(SEED000, Path(tmp) / "multirun", overrides)
         load.start()
         started = time.perf_counter()
         full = full_loop_epochs(cfg, Path(tmp) / "run")
@@ -315,64 +275,21 @@ def loop_overhead() -> dict[str, object]:
     }
 
 
-def compose_experiment(name: str, output_root: Path) -> DictConfig:
-    """experiment=name with few generated samples, on the CPU, writing under output_root."""
-    overrides = [f"experiment={name}", f"paths.output_root={output_root}", "trainer.device=cpu"]
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=overrides)
-    for key, count in FEW_SAMPLES.items():
-        if key in cfg.dataset:
-            cfg.dataset[key] = count
-    return cfg
-
-
-def experiment_step_speed(cfg: DictConfig, warmup: int = 2, steps: int = 6) -> dict[str, object]:
-    """Median train step of the experiment's model, loss and optimiser at its batch size.
-
-    Batches are drawn with replacement from all samples: the figure is about the step, and the
-    few generated samples may be fewer than one batch.
-    """
-    with execution_whitelist(list(TRUSTED_TARGETS)):
-        data = prepare(build(cfg.dataset), cfg.split.val_fraction, cfg.split.test_fraction, 0)
-        torch.manual_seed(cfg.seed)
-        model = build(cfg.model, input_shape=data.sampleset.sample_shape).train()
-        loss_fn, schedule, trainer = build(cfg.loss), build(cfg.schedule), build(cfg.trainer)
-    optimizer = trainer.optimizer(model.parameters())
-    beta, progress = schedule(float(trainer.epochs)), float(trainer.epochs)
-    seconds = []
-    for step in range(warmup + steps):
-        batch = torch.randint(len(data.values), (trainer.batch_size,))
-        x, mask = data.values[batch], data.masks[batch]
-        started = time.perf_counter()
-        train_step(model, loss_fn, optimizer, x, mask, beta, trainer.grad_clip, progress)
-        if step >= warmup:
-            seconds.append(time.perf_counter() - started)
-    median = statistics.median(seconds)
-    return {
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        "shape": "x".join(str(n) for n in data.sampleset.sample_shape),
-        "batch": trainer.batch_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "step": median,
-        "samples_per_second": trainer.batch_size / median,
-    }
-
-
 def every_model() -> dict[str, dict[str, object]]:
-    """Part (e): experiment_step_speed for each of EXPERIMENTS."""
+    """Part (e): step_speed for each experiment of conf/experiment/."""
     figures = {}
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
         for name in EXPERIMENTS:
-            figures[name] = experiment_step_speed(compose_experiment(name, Path(tmp)))
+            f = figures[name] = step_speed(compose_experiment(name, Path(tmp)))
             log.info(
                 "  %-22s %-20s %-12s batch %-4d %9d params  %7.3f s/step  %8.1f samples/s",
                 name,
-                figures[name]["model"],
-                figures[name]["shape"],
-                figures[name]["batch"],
-                figures[name]["parameters"],
-                figures[name]["step"],
-                figures[name]["samples_per_second"],
+                f["model"],
+                f["shape"],
+                f["batch"],
+                f["parameters"],
+                f["step"],
+                f["samples_per_second"],
             )
     return figures
 
@@ -386,19 +303,18 @@ def summary(
 ) -> list[tuple[str, str, str]]:
     """The final table: (figure, value on this machine, note) rows."""
     peak_rate, peak_n = peak
-    samples_per_second = BATCH_SIZE / step["median"]
-    achieved = step["flops"] / step["median"] / 1e9
+    achieved = step["flops"] / step["step"] / 1e9
     reference_share = f"reference ~{100 * REFERENCE_PEAK_SHARE:.0f}%"
     return [
         ("load average start / end", f"{loads[0]:.2f} / {loads[1]:.2f}", "1-minute"),
         ("torch threads, version", f"{info['torch threads']}, {info['torch']}", info["CPU"]),
         ("matmul peak (float32)", f"{peak_rate:.1f} GFLOP/s", f"torch.mm, n={peak_n}"),
         (
-            "train step, batch 64",
-            f"{samples_per_second:.1f} samples/s",
+            f"train step, batch {step['batch']}",
+            f"{step['samples_per_second']:.1f} samples/s",
             f"reference ~{REFERENCE_SAMPLES_PER_SECOND:.0f} samples/s",
         ),
-        ("  median step", f"{step['median']:.3f} s", f"best {step['best']:.3f} s"),
+        ("  median step", f"{step['step']:.3f} s", f"best {step['best']:.3f} s"),
         ("  over torch.nn layers", f"{step['speedup']:.2f}x", "same model, same machine"),
         ("FLOPs per train step", f"{step['flops'] / 1e9:.2f} GFLOP", "FlopCounterMode, fwd+bwd"),
         ("achieved", f"{achieved:.1f} GFLOP/s", ""),
@@ -438,25 +354,30 @@ def main() -> None:
     peak = matmul_peak()
     log.info("(b) float32 torch.mm peak: %.1f GFLOP/s at n=%d (best of repeats)", *peak)
 
-    step = step_speed()
+    with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
+        step = step_speed(compose_experiment(SEED000, Path(tmp)), warmup=3, steps=20, flops=True)
+        stock_cfg = compose_experiment(SEED000, Path(tmp), ("model.stock_layers=true",))
+        stock = step_speed(stock_cfg, warmup=3, steps=20)
     log.info(
-        "(c) train step at batch %d: median %.3f s (best %.3f s) = %.1f samples/s, "
+        "(c) %s train step (%s %s, batch %d): median %.3f s (best %.3f s) = %.1f samples/s, "
         "%.2f GFLOP per step = %.1f GFLOP/s; other processes used %.2f cores meanwhile",
-        BATCH_SIZE,
-        step["median"],
+        SEED000,
+        step["model"],
+        step["shape"],
+        step["batch"],
+        step["step"],
         step["best"],
-        BATCH_SIZE / step["median"],
+        step["samples_per_second"],
         step["flops"] / 1e9,
-        step["flops"] / step["median"] / 1e9,
+        step["flops"] / step["step"] / 1e9,
         step["other_cores"],
     )
-    stock = step_speed(stock_layers=True)
-    step["speedup"] = stock["median"] / step["median"]
+    step["speedup"] = stock["step"] / step["step"]
     log.info(
-        "    the same model with torch.nn's ConvTranspose1d and Dropout: median %.3f s "
-        "= %.1f samples/s; vaelab's layers are %.2fx faster",
-        stock["median"],
-        BATCH_SIZE / stock["median"],
+        "    the same model with model.stock_layers=true (torch.nn's ConvTranspose1d and "
+        "Dropout): median %.3f s = %.1f samples/s; vaelab's layers are %.2fx faster",
+        stock["step"],
+        stock["samples_per_second"],
         step["speedup"],
     )
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import optuna
 
-from vaelab.sweep_report import is_feasible
-from vaelab.trial import open_storage
+from vaelab.sweep.storage import open_storage
+from vaelab.sweep.summary import is_feasible
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ def run_sweep(root: Path, study: str, overrides: list[str]) -> float:
         "hparams_search=quick",
         f"paths.output_root={root}",
         f"hydra.sweeper.study_name={study}",
-        f"hydra.sweeper.storage={root}/optuna/{study}.journal",
         *overrides,
     ]
     started = time.perf_counter()

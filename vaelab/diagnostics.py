@@ -2,7 +2,7 @@
 
 A collapsed VAE shows itself in several ways at once: raw KL near zero, few active units,
 near-constant posterior means, and a decoder that reconstructs as well from z = 0 as from
-the code. `evaluate` measures all of them in one pass over a split. A quantising model
+the code. `diagnose` measures all of them in one pass over a split. A quantising model
 (VQ-VAE) cannot collapse its posterior; for it, active units are replaced by codebook usage.
 """
 
@@ -105,11 +105,13 @@ def codebook_verdict(codes: torch.Tensor, recon: float, recon_z0: float) -> dict
 
 
 @dataclass
-class Evaluation:
+class Diagnostics:
     """Loss terms and collapse diagnostics of one split, plus its posterior means."""
 
     loss: float
-    loss_reference: float | None  # the loss at evaluate()'s `reference` (β, epoch), if asked
+    # the loss at the run's final weights (diagnose()'s `final_weights`), if asked: what makes
+    # the losses of different epochs comparable, whatever schedule β, C(t) or λ(t) follow
+    loss_final_weights: float | None
     recon: float
     kl_raw: float
     kl_constrained: float
@@ -140,6 +142,11 @@ class Evaluation:
         """The per-epoch MLflow metrics under `prefix/` (seed 004 diagnostic names)."""
         metrics = {
             f"{prefix}/loss": self.loss,
+            **(
+                {}
+                if self.loss_final_weights is None
+                else {f"{prefix}/loss_final_weights": self.loss_final_weights}
+            ),
             f"{prefix}/recon": self.recon,
             f"{prefix}/kl": self.kl_raw,
             f"{prefix}/kl_constrained": self.kl_constrained,
@@ -163,7 +170,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(
+def diagnose(
     model: torch.nn.Module,
     values: torch.Tensor,
     masks: torch.Tensor,
@@ -173,15 +180,15 @@ def evaluate(
     device: torch.device,
     epoch: float = 0.0,
     feature_groups: dict[str, tuple[int, int]] | None = None,
-    reference: tuple[float, float] | None = None,
-) -> Evaluation:
+    final_weights: tuple[float, float] | None = None,
+) -> Diagnostics:
     """Run the model in eval mode (z = mu) over `values` and measure loss and collapse.
 
     `feature_groups` names ranges [start, stop) of the last axis whose reconstruction error
-    is reported on its own, like seed 002's MSE per k-mer size. `reference` = (β, epoch)
-    also scores the loss with the weights it has at that point (`loss_reference`): the loss
-    of every epoch at the run's final weights, which early stopping can compare, whatever
-    schedule β, capacity C(t) or DIP λ(t) follow.
+    is reported on its own, like seed 002's MSE per k-mer size. `final_weights` = (β, epoch)
+    of the run's end also scores the loss with the weights it has there
+    (`loss_final_weights`): every epoch's loss at one set of weights, which early stopping can
+    compare, whatever schedule β, capacity C(t) or DIP λ(t) follow.
     """
     model.eval()
     # With z = 0 every sample gets the same reconstruction (eval mode: BatchNorm uses its
@@ -204,8 +211,8 @@ def evaluate(
             "kl_constrained": terms.kl_constrained,
             **terms.extras,
         }
-        if reference is not None:
-            batch_terms["loss_reference"] = loss_fn(out, x, m, *reference).total
+        if final_weights is not None:
+            batch_terms["loss_final_weights"] = loss_fn(out, x, m, *final_weights).total
         for name, value in batch_terms.items():
             per_sample[name] = per_sample.get(name, 0.0) + float(value) * len(x)
         errors = {"recon": (out.recon - x) ** 2 * m, "z0": (recon_z0 - x) ** 2 * m}
@@ -224,9 +231,9 @@ def evaluate(
     n = len(values)
     mse = {name: total / max(observed[name], 1.0) for name, total in squared_error.items()}
     mean = {name: total / n for name, total in per_sample.items()}
-    return Evaluation(
+    return Diagnostics(
         loss=mean.pop("loss"),
-        loss_reference=mean.pop("loss_reference", None),
+        loss_final_weights=mean.pop("loss_final_weights", None),
         recon=mse.pop("recon"),
         kl_raw=mean.pop("kl_raw"),
         kl_constrained=mean.pop("kl_constrained"),

@@ -1,7 +1,8 @@
 """Figures of a run, saved as PNG: per-dimension KL, collapse over training, reconstructions,
 and a 2-D view of the latent means.
 
-Each function takes arrays and an output path and returns the path. Figures are built as
+Each function takes arrays and an output path, writes the PNG and returns the Figure it drew,
+so that a test (or a notebook) can read back the data and labels drawn. Figures are built as
 `matplotlib.figure.Figure` objects and written by the Agg canvas, never through pyplot: no
 global backend is switched (a notebook importing this keeps its own), no figure is left open
 in a registry, and the PNG is exactly figsize x DPI pixels (constrained layout, no
@@ -31,13 +32,13 @@ def _figure(figsize: tuple[float, float]) -> Figure:
     return Figure(figsize=figsize, dpi=DPI, layout="constrained")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Write the figure as PNG (creating the folder) and return the path."""
+def _save(fig: Figure, path: str | Path) -> Figure:
+    """Write the figure as PNG (creating the folder) and return it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI)
     log.debug("wrote %s", path)
-    return path
+    return fig
 
 
 def plot_kl_per_dim(
@@ -46,7 +47,7 @@ def plot_kl_per_dim(
     sort: bool = False,
     threshold: float = KL_DIM_THRESHOLD,
     figsize: tuple[float, float] | None = None,
-) -> Path:
+) -> Figure:
     """Bar chart of the mean KL of each latent dimension; bars below `threshold` nats in grey.
 
     `sort=True` orders bars from most to least informative, labelled by dimension index.
@@ -99,7 +100,7 @@ def plot_training_curves(
     path: str | Path,
     latent_dim: int | None = None,
     figsize: tuple[float, float] = (7.0, 5.0),
-) -> Path:
+) -> Figure:
     """Active units (top) and raw KL (bottom) per epoch, each with the β schedule behind."""
     epochs, au, kl, beta = (np.asarray(a, dtype=np.float64) for a in (epochs, au, kl, beta))
     if not len(epochs) == len(au) == len(kl) == len(beta):
@@ -151,7 +152,7 @@ def plot_reconstructions(
     time_label: str = "time step",
     value_label: str = "normalised value (z)",
     figsize: tuple[float, float] | None = None,
-) -> Path:
+) -> Figure:
     """Inputs against reconstructions: one row per sample, one column per channel.
 
     Sequences (n, T, C) get a column per channel; feature vectors (n, F) one column, with
@@ -225,7 +226,7 @@ def plot_latent_projection(
     max_points: int = 20000,
     seed: int = 0,
     figsize: tuple[float, float] = (6.5, 5.0),
-) -> Path:
+) -> Figure:
     """Scatter of the latent means on their first two principal components.
 
     Coloured by class `labels` (legend) or by a continuous `factor` (colorbar), not both.

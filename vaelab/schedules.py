@@ -1,8 +1,10 @@
-"""β schedules: pure functions of training progress, like nanoGPT's `get_lr(it)`.
+"""β and learning-rate schedules: pure functions of training progress, like nanoGPT's `get_lr(it)`.
 
 Each schedule is called with the epoch as a float, `epoch + step / steps_per_epoch`, so the
 train loop can anneal per step while the schedule holds no counter (STYLE.md habit 6).
 """
+
+import math
 
 from vaelab.errors import ConfigError
 
@@ -50,3 +52,11 @@ class CyclicalBeta:
     def __call__(self, epoch: float) -> float:
         position = (max(epoch, 0.0) % self.cycle_epochs) / self.cycle_epochs
         return self.beta * min(position / self.ramp_ratio, 1.0)
+
+
+def cosine_lr(progress: float, lr: float, min_lr_ratio: float) -> float:
+    """Cosine decay from lr to lr * min_lr_ratio as `progress` goes from 0 to 1 (Loshchilov &
+    Hutter 2017, without restarts): a pure function, like nanoGPT's get_lr."""
+    progress = min(max(progress, 0.0), 1.0)
+    min_lr = lr * min_lr_ratio
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

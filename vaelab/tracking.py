@@ -17,9 +17,12 @@ import optuna
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer parameter values
+CHECKPOINT_ARTIFACT = "checkpoints/model.pt"  # the best epoch of a training run
 
 
 class MlflowTracker:
@@ -138,6 +141,39 @@ def _sqlite_store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def download_run_artifact(run_id: str, tracking_uri: str, artifact: str, into: Path) -> Path:
+    """Download one artifact of an MLflow run into a directory; one ConfigError naming the run,
+    the store and the artifact when any of them is not there."""
+    if tracking_uri.startswith("sqlite:///"):
+        # MlflowClient would create an empty store here rather than say it is not there.
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise ConfigError(
+                f"run_id={run_id}: no MLflow store at {tracking_uri} (set paths.output_root "
+                "or tracking.uri to where the run was recorded)"
+            )
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        log.debug("get_run failed", exc_info=True)
+        message = f"run_id={run_id}: no such run in the MLflow store {tracking_uri}"
+        raise ConfigError(message) from err
+    try:
+        return Path(client.download_artifacts(run_id, artifact, str(into)))
+    except (MlflowException, OSError) as err:
+        log.debug("download_artifacts failed", exc_info=True)
+        raise ConfigError(
+            f"run_id={run_id}: the run ({run.info.status}) in the MLflow store {tracking_uri} "
+            f"has no artifact {artifact}"
+        ) from err
+
+
+def download_checkpoint(run_id: str, tracking_uri: str, into: Path) -> Path:
+    """checkpoints/model.pt (the best epoch, as a training run logs it) of an MLflow run."""
+    return download_run_artifact(run_id, tracking_uri, CHECKPOINT_ARTIFACT, into)
+
+
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as flat `group.key` params, without Hydra's own settings."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -152,6 +188,13 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 
     walk({k: v for k, v in container.items() if k != "hydra"}, "")
     return flat
+
+
+def log_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's resolved config: config.yaml in the run directory, and flat MLflow params."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    mlflow.log_params(flatten_config(cfg))
 
 
 def log_verdict(verdict: dict[str, object], kl_per_dim: list[float]) -> None:

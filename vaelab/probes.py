@@ -1,4 +1,4 @@
-"""Downstream evaluation of posterior means: is the code of a non-collapsed VAE useful?
+"""Downstream probes of posterior means: is the code of a non-collapsed VAE useful?
 
 A VAE can pass seed 000's collapse checks (KL > 0.01, std(mu) > 0.1) and still encode
 nothing a downstream task needs. These functions score the posterior means `mu` the way the
@@ -8,7 +8,7 @@ detection with an IsolationForest fitted on the normal class (seed 003,
 generative factors of synthetic data can be read off the code.
 
 Each function takes numpy arrays and returns a flat `dict[str, float]` of MLflow metrics
-named `eval/...`. `evaluate_latents` runs whichever apply to a data set and skips the rest
+named `eval/...`. `probe_latents` runs whichever apply to a data set and skips the rest
 with a logged reason.
 """
 
@@ -37,7 +37,7 @@ from vaelab.diagnostics import ACTIVE_UNIT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
-# Below these sizes a split says nothing reliable; evaluate_latents skips with a reason.
+# Below these sizes a split says nothing reliable; probe_latents skips with a reason.
 MIN_TRAIN_SAMPLES = 10  # samples to fit a probe, a regression or an IsolationForest on
 MIN_TEST_SAMPLES = 5  # held-out samples to score on
 # HDBSCAN on more points than this runs on a seeded subsample of this size: its cost grows
@@ -239,7 +239,7 @@ def factor_r2(
     return metrics
 
 
-def evaluate_latents(
+def probe_latents(
     mu: np.ndarray,
     split: np.ndarray,
     inputs: np.ndarray,
@@ -259,7 +259,7 @@ def evaluate_latents(
     split = np.asarray(split).astype(str)
     if mu.ndim != 2 or len(split) != len(mu) or len(inputs) != len(mu):
         raise ValueError(
-            f"evaluate_latents: expected mu (N, D) with N splits and inputs, found mu "
+            f"probe_latents: expected mu (N, D) with N splits and inputs, found mu "
             f"{mu.shape}, split {split.shape}, inputs {np.shape(inputs)}"
         )
     if not np.isfinite(mu).all():

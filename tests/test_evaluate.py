@@ -1,25 +1,28 @@
-"""Downstream evaluation inside a real run, and the command that repeats it on a stored run."""
+"""The downstream report inside a real run, and `python -m vaelab.evaluate`, which repeats it on
+a stored run."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import CONF, TINY_MULTISCALE
 from hydra import compose, initialize_config_dir
 
-from vaelab.downstream import evaluate_run
+from vaelab.evaluate import evaluate_run
 from vaelab.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, tiny):
     """A tiny multi-scale run on generated vitals (labels and factors) with 40 patients."""
     tmp = tmp_path_factory.mktemp("downstream")
     root = tmp / "multirun"
-    overrides = [*TINY_MULTISCALE, "dataset.n_patients=40", f"paths.output_root={root}"]
+    overrides = [*tiny.multiscale_run, "dataset.n_patients=40", f"paths.output_root={root}"]
     with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("train", overrides=overrides)
     train(cfg, tmp / "run")
@@ -54,17 +57,24 @@ def test_the_command_reproduces_the_runs_own_numbers(finished_run):
             "evaluate", overrides=[f"run_id={run.info.run_id}", f"paths.output_root={root}"]
         )
     again = evaluate_run(cfg)
-    for name, value in again.items():
-        if value == value:  # NaN (a silhouette of one cluster) equals nothing
-            assert value == pytest.approx(run.data.metrics[name], rel=1e-6, abs=1e-9), name
+    # Every probe the run logged is computed again, and to the same value.
+    logged = {name for name in run.data.metrics if name.startswith("eval/")}
+    assert set(again) == logged
+    compared = [name for name, value in again.items() if value == value]  # NaN: no silhouette
+    assert {"eval/probe_accuracy", "eval/hdbscan_pca_n_clusters"} <= set(compared)
+    assert any(name.startswith("eval/factor_r2/") for name in compared)
+    for name in compared:
+        assert again[name] == pytest.approx(run.data.metrics[name], rel=1e-6, abs=1e-9), name
 
 
-def test_the_command_names_an_unknown_run(finished_run, tmp_path):
+# vaelab.downstream is the command's earlier name, kept so that older commands still run.
+@pytest.mark.parametrize("module", ["vaelab.evaluate", "vaelab.downstream"])
+def test_the_command_names_an_unknown_run(finished_run, tmp_path, module):
     _, _, root = finished_run
     command = [
         sys.executable,
         "-m",
-        "vaelab.downstream",
+        module,
         "run_id=0123456789abcdef",
         f"paths.output_root={root}",
     ]

@@ -1,29 +1,20 @@
-"""Downstream evaluation and figures, on latents whose answer is known by construction."""
+"""Downstream probes of latents whose answer is known by construction: clustering against a PCA
+baseline, anomaly detection, a linear probe, factor R²."""
 
 import logging
 import math
-import struct
 
 import numpy as np
 import pytest
 
-from vaelab.evaluation import (
+from vaelab.probes import (
     anomaly_scores,
     cluster_latents,
-    evaluate_latents,
     factor_r2,
     linear_probe,
     min_cluster_size,
+    probe_latents,
 )
-from vaelab.plots import (
-    DPI,
-    plot_kl_per_dim,
-    plot_latent_projection,
-    plot_reconstructions,
-    plot_training_curves,
-)
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def blobs(rng: np.random.Generator, n_per: int, dim: int, distance: float = 20.0):
@@ -90,7 +81,7 @@ def test_inactive_dimensions_are_left_out_before_standardising():
 def test_a_fully_collapsed_latent_skips_only_the_latent_side(caplog):
     rng = np.random.default_rng(3)
     inputs, labels = blobs(rng, 100, dim=10)
-    with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
+    with caplog.at_level(logging.INFO, logger="vaelab.probes"):
         m = cluster_latents(np.full((300, 4), 0.5), inputs, labels)
     assert m["eval/hdbscan_latent_dims"] == 0
     assert not any(
@@ -206,7 +197,7 @@ def test_factor_r2_of_linear_and_independent_factors(caplog):
             "broken": np.where(np.arange(n) == 0, np.nan, 1.0 * np.arange(n)),
         }
 
-    with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
+    with caplog.at_level(logging.INFO, logger="vaelab.probes"):
         m = factor_r2(mu_train, factors(mu_train), mu_test, factors(mu_test))
     assert m["eval/factor_r2/linear"] > 0.999
     assert m["eval/factor_r2/independent"] <= 0.1
@@ -215,7 +206,7 @@ def test_factor_r2_of_linear_and_independent_factors(caplog):
     assert "'broken' skipped" in caplog.text
 
 
-# --- evaluate_latents ------------------------------------------------------------------------
+# --- probe_latents ------------------------------------------------------------------------
 
 
 def full_set(n_per: int = 100, seed: int = 8):
@@ -228,9 +219,9 @@ def full_set(n_per: int = 100, seed: int = 8):
     return mu, split, inputs, labels, factors
 
 
-def test_evaluate_latents_runs_everything_that_applies():
+def test_probe_latents_runs_everything_that_applies():
     mu, split, inputs, labels, factors = full_set()
-    m = evaluate_latents(mu, split, inputs, labels, factors, seed=0)
+    m = probe_latents(mu, split, inputs, labels, factors, seed=0)
     assert m["eval/hdbscan_latent_n_clusters"] == 3
     assert m["eval/probe_accuracy"] > 0.95
     # class 0 is normal; classes 1 and 2 lie far from it
@@ -239,11 +230,11 @@ def test_evaluate_latents_runs_everything_that_applies():
     assert all(isinstance(v, float) for v in m.values())
 
 
-def test_evaluate_latents_without_labels_or_factors_skips_gracefully(caplog):
+def test_probe_latents_without_labels_or_factors_skips_gracefully(caplog):
     mu, split, inputs, labels, factors = full_set()
-    full = evaluate_latents(mu, split, inputs, labels, factors)
-    with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
-        bare = evaluate_latents(mu, split, inputs)
+    full = probe_latents(mu, split, inputs, labels, factors)
+    with caplog.at_level(logging.INFO, logger="vaelab.probes"):
+        bare = probe_latents(mu, split, inputs)
     assert len(bare) < len(full)
     clustering = {k for k in full if k.startswith(("eval/hdbscan", "eval/pca"))}
     assert clustering - {k for k in clustering if k.endswith(("_ari", "_ami"))} <= set(bare)
@@ -254,120 +245,43 @@ def test_evaluate_latents_without_labels_or_factors_skips_gracefully(caplog):
     assert "no labels" in caplog.text and "no known generative factors" in caplog.text
 
 
-def test_evaluate_latents_skips_a_split_that_is_too_small(caplog):
+def test_probe_latents_skips_a_split_that_is_too_small(caplog):
     mu, split, inputs, labels, factors = full_set()
     split = np.where(split == "test", "val", split)
     split[:3] = "test"  # 3 test samples: below MIN_TEST_SAMPLES
-    with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
-        m = evaluate_latents(mu, split, inputs, labels, factors)
+    with caplog.at_level(logging.INFO, logger="vaelab.probes"):
+        m = probe_latents(mu, split, inputs, labels, factors)
     assert "eval/hdbscan_latent_n_clusters" in m
     assert not any("probe" in k or "anomaly" in k or "factor" in k for k in m)
     assert "3 test samples" in caplog.text
 
 
-def test_evaluate_latents_on_a_handful_of_samples_returns_nothing(caplog):
+def test_probe_latents_on_a_handful_of_samples_returns_nothing(caplog):
     mu, split, inputs, labels, factors = full_set()
-    with caplog.at_level(logging.INFO, logger="vaelab.evaluation"):
-        m = evaluate_latents(
+    with caplog.at_level(logging.INFO, logger="vaelab.probes"):
+        m = probe_latents(
             mu[:6], split[:6], inputs[:6], labels[:6], {k: v[:6] for k, v in factors.items()}
         )
     assert m == {}
     assert "clustering skipped" in caplog.text
 
 
-def test_evaluate_latents_of_a_diverged_model_returns_nothing():
+def test_probe_latents_of_a_diverged_model_returns_nothing():
     mu, split, inputs, labels, factors = full_set()
     mu[0, 0] = np.nan
-    assert evaluate_latents(mu, split, inputs, labels, factors) == {}
+    assert probe_latents(mu, split, inputs, labels, factors) == {}
 
 
-def test_evaluate_latents_reads_split_names_as_h5py_returns_them():
+def test_probe_latents_reads_split_names_as_h5py_returns_them():
     mu, split, inputs, labels, factors = full_set(n_per=30)
     as_bytes = np.array([s.encode() for s in split], dtype=object)  # f["split"][:] of latents.h5
-    assert evaluate_latents(mu, as_bytes, inputs, labels, factors) == pytest.approx(
-        evaluate_latents(mu, split, inputs, labels, factors), nan_ok=True
+    assert probe_latents(mu, as_bytes, inputs, labels, factors) == pytest.approx(
+        probe_latents(mu, split, inputs, labels, factors), nan_ok=True
     )
-    assert "eval/probe_accuracy" in evaluate_latents(mu, as_bytes, inputs, labels, factors)
+    assert "eval/probe_accuracy" in probe_latents(mu, as_bytes, inputs, labels, factors)
 
 
-def test_evaluate_latents_checks_lengths():
+def test_probe_latents_checks_lengths():
     mu, split, inputs, labels, factors = full_set()
     with pytest.raises(ValueError, match="expected mu"):
-        evaluate_latents(mu, split[:-1], inputs)
-
-
-# --- figures ----------------------------------------------------------------------------------
-
-
-def png_size(path) -> tuple[int, int]:
-    """(width, height) in pixels from a PNG file's IHDR chunk, after checking the magic bytes."""
-    head = path.read_bytes()[:24]
-    assert head[:8] == PNG_MAGIC
-    assert head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
-
-
-def test_kl_per_dim_plot(tmp_path):
-    kl = np.array([0.5, 0.001, 2.0, 0.0, 0.02, 0.3])
-    for sort in (False, True):
-        path = plot_kl_per_dim(kl, tmp_path / f"kl_{sort}.png", sort=sort, figsize=(6, 3))
-        assert png_size(path) == (6 * DPI, 3 * DPI)
-
-
-def test_training_curves_plot(tmp_path):
-    epochs = np.arange(12)
-    beta = np.minimum(epochs / 5, 1.0) * 0.5
-    path = plot_training_curves(
-        epochs,
-        np.minimum(epochs, 4),
-        np.exp(-epochs / 3),
-        beta,
-        tmp_path / "sub" / "curves.png",
-        latent_dim=8,
-    )
-    assert path == tmp_path / "sub" / "curves.png"
-    assert png_size(path) == (7 * DPI, 5 * DPI)  # the default figsize (7, 5)
-    with pytest.raises(ValueError, match="one value per epoch"):
-        plot_training_curves(epochs, epochs[:-1], epochs, epochs, tmp_path / "bad.png")
-
-
-def test_reconstruction_plots_of_sequences_and_vectors(tmp_path):
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((3, 50, 2))
-    masks = (rng.random(x.shape) > 0.1).astype(np.float32)
-    branches = {"local": x + 0.1, "daily": x - 0.1}
-    path = plot_reconstructions(
-        x,
-        x + 0.2,
-        tmp_path / "seq.png",
-        channel_names=["HR", "SBP"],
-        branches=branches,
-        masks=masks,
-        sample_ids=["P1", "P2", "P3"],
-        time_label="hour",
-        figsize=(8, 6),
-    )
-    assert png_size(path) == (8 * DPI, 6 * DPI)
-    v = rng.standard_normal((2, 30))
-    path = plot_reconstructions(v, v * 0.9, tmp_path / "vec.png", figsize=(4, 5))
-    assert png_size(path) == (4 * DPI, 5 * DPI)
-    with pytest.raises(ValueError, match="one shape"):
-        plot_reconstructions(x, v, tmp_path / "bad.png")
-
-
-def test_latent_projection_plots(tmp_path):
-    rng = np.random.default_rng(10)
-    mu, labels = blobs(rng, 40, dim=5)
-    cases = {
-        "labels": dict(labels=labels),
-        "factor": dict(factor=mu[:, 0], factor_name="trend (per 100 h)"),
-        "many_classes": dict(labels=np.arange(len(mu)) % 25),
-        "plain": {},
-    }
-    for name, colour in cases.items():
-        path = plot_latent_projection(mu, tmp_path / f"{name}.png", figsize=(5, 4), **colour)
-        assert png_size(path) == (5 * DPI, 4 * DPI)
-    path = plot_latent_projection(mu[:, :1], tmp_path / "one_dim.png", figsize=(5, 4))
-    assert png_size(path) == (5 * DPI, 4 * DPI)
-    with pytest.raises(ValueError, match="not both"):
-        plot_latent_projection(mu, tmp_path / "bad.png", labels=labels, factor=mu[:, 0])
+        probe_latents(mu, split[:-1], inputs)

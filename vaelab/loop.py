@@ -1,0 +1,228 @@
+"""The pieces of the training loop that `vaelab.train` runs inline: the trainer settings, one
+optimiser step, the shuffled batches of an epoch, the validation pass, early stopping and the
+metrics of an epoch.
+
+`train_step` is also what `make bench` times, so the benchmark measures the loop's own step.
+"""
+
+import logging
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from vaelab.data.prepare import PreparedData
+from vaelab.diagnostics import Diagnostics, diagnose
+from vaelab.errors import ConfigError, DivergenceError
+from vaelab.losses import LossTerms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerSettings:
+    """How to train: built from `conf/trainer/*.yaml`, so a misspelt key fails at instantiate."""
+
+    optimizer: partial  # a torch.optim class with its settings, waiting for the parameters
+    epochs: int = 20  # full passes over the training split
+    batch_size: int = 64  # samples per optimiser step
+    lr: float = 1e-3  # peak learning rate; cosine decay runs from it to lr * min_lr_ratio
+    min_lr_ratio: float = 0.01  # the cosine floor as a fraction of lr
+    # epochs without a better validation loss before stopping; None: never
+    patience: int | None = 10
+    grad_clip: float | None = 5.0  # max global gradient norm (seed 004 recommends 5.0); None: off
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
+    num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"trainer.epochs must be ≥ 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"trainer.batch_size must be ≥ 2 (BatchNorm), got {self.batch_size}")
+
+
+def epoch_batches(train_index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The training split shuffled into full batches (the global torch generator shuffles).
+
+    A last batch of a single sample would break BatchNorm, so the remainder of the shuffle is
+    left out: it is drawn again in the next epoch's. A split smaller than one batch is one batch.
+    """
+    order = train_index[torch.randperm(len(train_index), device=train_index.device)]
+    n_batches = max(len(order) // batch_size, 1)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+
+
+def progress_bar(batches: Iterable[torch.Tensor], epoch: int) -> Iterator[torch.Tensor]:
+    """The epoch's batches, behind a progress bar when stderr is a terminal."""
+    return iter(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty()))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group (the schedule is a pure function)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(
+    model: torch.nn.Module,
+    loss_fn,  # noqa: ANN001 - any vaelab loss: (output, x, mask, beta, epoch) -> LossTerms
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    epoch: float,
+    grad_clip: float | None,
+) -> LossTerms:
+    """One optimiser step: forward, loss at β and the fractional epoch, backward, clip, step.
+
+    A loss that is not finite stops the run before the step can spoil the weights: the last
+    good checkpoint stays the last one written.
+    """
+    terms = loss_fn(model(x), x, mask, beta, epoch)
+    if not torch.isfinite(terms.total):
+        raise DivergenceError(
+            f"training loss became {terms.total.item()} at epoch {epoch:.2f} "
+            f"(recon={terms.recon.item():.4g}, kl={terms.kl_raw.item():.4g}, β={beta:.4g}, "
+            f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower trainer.lr or set "
+            "trainer.grad_clip"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return terms
+
+
+class Validation:
+    """Collapse diagnostics of a split after a given epoch (eval mode, z = mu).
+
+    Every schedule rises to and holds schedule.beta, and every loss weight that follows the
+    epoch settles by the last one, so each pass also scores the loss at those final weights
+    (β = schedule.beta at the last epoch): the one figure that compares across epochs, which
+    early stopping and the best checkpoint use.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: PreparedData,
+        values: torch.Tensor,
+        masks: torch.Tensor,
+        loss_fn,  # noqa: ANN001 - any vaelab loss
+        beta_schedule,  # noqa: ANN001 - epoch -> β
+        settings: TrainerSettings,
+    ) -> None:
+        self.model, self.data, self.values, self.masks = model, data, values, masks
+        self.loss_fn, self.beta_schedule = loss_fn, beta_schedule
+        self.batch_size = settings.batch_size
+        self.final_weights = (beta_schedule.beta, float(settings.epochs))
+
+    def __call__(self, epoch: float, split: str = "val", limit: int | None = None) -> Diagnostics:
+        """Diagnostics of `split` after `epoch` epochs (its first `limit` samples, if given)."""
+        index = self.data.indices(split)[:limit].to(self.values.device)
+        diagnostics = diagnose(
+            self.model,
+            self.values[index],
+            self.masks[index],
+            self.loss_fn,
+            self.beta_schedule(epoch),
+            self.batch_size,
+            self.values.device,
+            epoch,
+            self.data.sampleset.feature_groups,
+            self.final_weights,
+        )
+        if not math.isfinite(diagnostics.loss):
+            raise DivergenceError(f"{split} loss became {diagnostics.loss} after epoch {epoch:g}")
+        return diagnostics
+
+    def check_objectives(self, objectives: list[str]) -> None:
+        """Stop before training when sweep.objective names a metric this run will not log.
+
+        Which `val/*` metrics exist depends on the model (branches, codes), the loss (its own
+        terms) and the data (feature groups): one pass over two validation samples with the
+        untrained model lists them, through the same code that logs them every epoch.
+        """
+        logged = self(0.0, limit=2).metrics("val")
+        unknown = [name for name in objectives if name not in logged]
+        if unknown:
+            raise ConfigError(
+                f"sweep.objective names {unknown}, not validation metrics of this run; choose "
+                f"from {', '.join(sorted(logged))}"
+            )
+
+
+class EarlyStopping:
+    """Stop when the validation loss at the final weights has not improved for `patience`."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.epochs_without_improvement = 0
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record this epoch's loss; True when it is the best so far."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.epochs_without_improvement = loss, epoch, 0
+            return True
+        self.epochs_without_improvement += 1
+        if self.should_stop:
+            log.info(
+                "Early stop at epoch %d: no better validation loss for %d epochs",
+                epoch,
+                self.patience,
+            )
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether `patience` epochs have passed without a better loss."""
+        return self.patience is not None and self.epochs_without_improvement >= self.patience
+
+
+def add_terms(sums: dict[str, torch.Tensor], terms: LossTerms) -> None:
+    """Add a step's loss and the loss's own terms to running sums, on the device (no sync)."""
+    for name, value in {"loss": terms.total, **terms.extras}.items():
+        sums[name] = sums.get(name, 0.0) + value.detach()
+
+
+def epoch_metrics(
+    train_sums: dict[str, torch.Tensor],
+    n_steps: int,
+    val: Diagnostics,
+    beta: float,
+    lr: float,
+    samples_per_second: float,
+    epoch_seconds: float,
+) -> dict[str, float]:
+    """One epoch's MLflow metrics: train/* means, val/* diagnostics, schedule/*, perf/*."""
+    return {
+        **{f"train/{name}": total.item() / n_steps for name, total in train_sums.items()},
+        **val.metrics("val"),
+        "schedule/beta": beta,
+        "schedule/lr": lr,
+        "perf/epoch_seconds": epoch_seconds,
+        "perf/samples_per_second": samples_per_second,
+    }
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    """One line per epoch in the run's log."""
+    log.info(
+        "epoch %d  train %.4f  val %.4f  recon %.4f  kl %.3f  AU %d  MI %.3f  β %.3f  %.1fs",
+        epoch,
+        metrics["train/loss"],
+        metrics["val/loss"],
+        metrics["val/recon"],
+        metrics["val/kl"],
+        metrics["val/active_units"],
+        metrics["val/mi"],
+        metrics["schedule/beta"],
+        metrics["perf/epoch_seconds"],
+    )
