@@ -27,6 +27,8 @@ from vaelab.data.kmers import (
     KS,
     N_FEATURES,
     NPY_COLUMNS,
+    block_groups,
+    choose_group_by,
     clr,
     count_fasta,
     count_windows,
@@ -34,7 +36,7 @@ from vaelab.data.kmers import (
     main,
     n_canonical,
 )
-from vaelab.data.prepare import prepare
+from vaelab.data.prepare import SPLITS, prepare
 from vaelab.errors import ConfigError, DataError
 
 ECOLI = Path(bundled_path("ecoli_MIIJ01000039.fna.gz"))  # the real contig shipped with vaelab
@@ -225,9 +227,13 @@ def test_windows_ids_groups_and_dropped_bases(tmp_path, caplog):
     }
     fasta = write_fasta(tmp_path / "g.fa", records)
     with caplog.at_level("INFO", logger="vaelab.data.kmers"):
-        samples = load_kmers(fasta=str(fasta), window=10)
+        samples = load_kmers(fasta=str(fasta), window=10, group_by="record")
     assert samples.ids.tolist() == ["chr1:0-10", "chr1:10-20", "plasmid:0-10"]
     assert samples.groups.tolist() == ["chr1", "chr1", "plasmid"]
+    # By default (auto) chr1 holds 2 of 3 windows, over 15 %: blocks, here one window each.
+    blocks = load_kmers(fasta=str(fasta), window=10)
+    assert blocks.ids.tolist() == samples.ids.tolist()
+    assert blocks.groups.tolist() == ["chr1:0-10", "chr1:10-20", "plasmid:0-10"]
     assert samples.values.shape == (3, N_FEATURES) and samples.masks is None
     assert samples.channel_names == FEATURE_NAMES and samples.feature_groups == SEED_GROUPS
     assert np.array_equal(samples.factors["skipped_kmers"], [0, 0, 0])
@@ -314,6 +320,184 @@ def test_all_kmers_npy_layout(tmp_path):
     assert samples.feature_groups == SEED_GROUPS
     assert samples.channel_names[0] == "6mer_0000" and samples.channel_names[-1] == "1mer_0001"
     assert "skipped_kmers" not in samples.factors
+    # No records, no positions: blocks cannot be cut, each row stays its own group.
+    assert np.array_equal(load_kmers(npy=str(path), group_by="block").groups, samples.ids)
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def id_span(window_id: str) -> tuple[str, int, int]:
+    """(record, start, end) of a window id `record:start-end`."""
+    record, span = window_id.rsplit(":", 1)
+    start, end = span.split("-")
+    return record, int(start), int(end)
+
+
+def group_spans(samples) -> dict[str, tuple[int, int]]:
+    """First start and last end of the windows of each group, from the ids alone."""
+    spans = {}
+    for window_id, group in zip(samples.ids.tolist(), samples.groups.tolist(), strict=True):
+        _, start, end = id_span(window_id)
+        lo, hi = spans.get(group, (start, end))
+        spans[group] = (min(lo, start), max(hi, end))
+    return spans
+
+
+def split_groups(samples, seed: int = 0) -> list[int]:
+    """Groups in train, val and test under the default 15 %/15 % split."""
+    split = prepare(samples, 0.15, 0.15, seed=seed).split
+    return [len(set(samples.groups[split == name].tolist())) for name in SPLITS]
+
+
+def test_one_record_fasta_loads_and_splits_three_ways_with_defaults(tmp_path):
+    fasta = write_fasta(tmp_path / "genome.fna", {"chrom": random_dna(120_000, 11)}, width=80)
+    samples = load_kmers(fasta=str(fasta))
+    assert samples.ids.tolist() == [f"chrom:{a}-{a + 5000}" for a in range(0, 120_000, 5000)]
+    # 24 windows of 5 kb in 20 blocks, as np.array_split cuts: 4 blocks of 2 windows, 16 of 1.
+    assert sorted(Counter(samples.groups.tolist()).values()) == [1] * 16 + [2] * 4
+    assert samples.groups[:3].tolist() == ["chrom:0-10000", "chrom:0-10000", "chrom:10000-20000"]
+    split = prepare(samples, 0.15, 0.15, seed=0).split
+    assert split_groups(samples) == [14, 3, 3]
+    for a, b in itertools.combinations(SPLITS, 2):
+        assert not set(samples.groups[split == a]) & set(samples.groups[split == b])
+
+
+@pytest.mark.parametrize("window, step", [(1000, 300), (1000, 999), (600, 100)])
+def test_blocks_share_no_base_when_windows_overlap(tmp_path, caplog, window, step):
+    fasta = write_fasta(tmp_path / "g.fa", {"chrom": random_dna(40_000, 12)}, width=80)
+    with caplog.at_level("WARNING", logger="vaelab.data.kmers"):
+        every = load_kmers(fasta=str(fasta), window=window, step=step, group_by="window")
+    assert "overlapping windows share bases" in caplog.text
+    samples = load_kmers(fasta=str(fasta), window=window, step=step)
+    spans = group_spans(samples)
+    assert len(spans) == 20
+    # Each group's windows lie inside its span and the spans do not overlap: no shared base.
+    ordered = sorted(spans.values())
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in itertools.pairwise(ordered))
+    assert all(group == f"chrom:{lo}-{hi}" for group, (lo, hi) in spans.items())
+    # ceil(window / step) - 1 windows dropped at each of the 19 boundaries, none elsewhere.
+    assert len(every) - len(samples) == 19 * (math.ceil(window / step) - 1)
+    assert set(samples.ids.tolist()) <= set(every.ids.tolist())
+    assert split_groups(samples) == [14, 3, 3]
+
+
+def test_block_counts_and_dropped_windows_by_hand(tmp_path, caplog):
+    records = {"chrom": random_dna(1000, 13), "plasmid": random_dna(250, 14)}
+    fasta = write_fasta(tmp_path / "g.fa", records)
+    with caplog.at_level("INFO", logger="vaelab.data.kmers"):
+        samples = load_kmers(fasta=str(fasta), window=100, step=50, n_blocks=4)
+    # Windows every 50 bp: chrom 19 (starts 0-900), plasmid 4 (0-150), 23 in all. Blocks, by
+    # share of the windows: chrom 4 x 19/23 = 3.3 -> 3, plasmid 4 x 4/23 = 0.7 -> 1 (whole).
+    # chrom's windows cut 7/6/6: starts 0-300, 350-600, 650-900. A window overlaps only the
+    # next one (ceil(100 / 50) - 1 = 1), so the first window of blocks 2 and 3 goes: 350, 650.
+    expected = {
+        "chrom:0-400": [0, 50, 100, 150, 200, 250, 300],
+        "chrom:400-700": [400, 450, 500, 550, 600],
+        "chrom:700-1000": [700, 750, 800, 850, 900],
+        "plasmid:0-250": [0, 50, 100, 150],
+    }
+    ids = [f"{g.split(':')[0]}:{a}-{a + 100}" for g, starts in expected.items() for a in starts]
+    assert samples.ids.tolist() == ids
+    assert samples.groups.tolist() == [g for g, starts in expected.items() for _ in starts]
+    assert "group_by=auto: the largest of 2 record(s) holds 82.6% of the windows" in caplog.text
+    assert "4 blocks (n_blocks=4) over 2 record(s); dropped 2 windows" in caplog.text
+    # The kept windows are the same samples as without blocks.
+    every = load_kmers(fasta=str(fasta), window=100, step=50, group_by="window")
+    rows = [every.ids.tolist().index(i) for i in ids]
+    assert np.array_equal(samples.values, every.values[rows])
+    assert np.array_equal(samples.factors["gc_content"], every.factors["gc_content"][rows])
+
+
+def test_block_edges_a_gap_and_heavy_overlap():
+    # A gap between the blocks (windows dropped for N): nothing overlaps, nothing is dropped.
+    starts = np.array([0, 50, 100, 150, 600, 650, 700, 750])
+    groups, keep = block_groups(np.array(["r"] * 8), starts, starts + 100, n_blocks=2)
+    assert keep.all() and groups.tolist() == ["r:0-250"] * 4 + ["r:600-850"] * 4
+    # The same windows without the gap: the first of block 2 (200) overlaps the last of block 1.
+    starts = np.arange(8) * 50
+    groups, keep = block_groups(np.array(["r"] * 8), starts, starts + 100, n_blocks=2)
+    assert keep.tolist() == [True] * 4 + [False] + [True] * 3
+    assert groups[keep].tolist() == ["r:0-250"] * 4 + ["r:250-450"] * 3
+    # 21 windows of 100 bp every 10 bp: each overlaps the next 9, so at most 21 // 10 = 2
+    # blocks (of 11 and 10 windows), whatever n_blocks asks; block 2 keeps its last window.
+    starts = np.arange(21) * 10
+    groups, keep = block_groups(np.array(["r"] * 21), starts, starts + 100, n_blocks=20)
+    assert groups[keep].tolist() == ["r:0-200"] * 11 + ["r:200-300"]
+    assert int((~keep).sum()) == 9
+
+
+def test_auto_groups_many_records_by_record_and_a_genome_with_plasmids_by_block(tmp_path):
+    contigs = {f"contig{i}": random_dna(2000, 20 + i) for i in range(8)}
+    draft = write_fasta(tmp_path / "draft.fa", contigs, width=80)
+    samples = load_kmers(fasta=str(draft), window=500)
+    # 8 records of 4 windows, 12.5 % each (<= 15 %): whole records are the groups.
+    assert samples.groups.tolist() == [name for name in contigs for _ in range(4)]
+    assert split_groups(samples) == [6, 1, 1]
+    # The threshold: 7 equal records hold 14.3 % each, 6 hold 16.7 %.
+    assert choose_group_by(np.repeat(list("abcdefg"), 4)) == "record"
+    assert choose_group_by(np.repeat(list("abcdef"), 4)) == "block"
+    # A chromosome with two plasmids, 20 + 2 + 1 windows: blocks by share, 20 x 20/23 = 17.4
+    # -> 17, 20 x 2/23 = 1.7 -> 2 and 20 x 1/23 = 0.9 -> 1.
+    records = {
+        "chrom": random_dna(10_000, 30),
+        "p1": random_dna(1000, 31),
+        "p2": random_dna(500, 32),
+    }
+    genome = write_fasta(tmp_path / "genome.fa", records, width=80)
+    blocks = load_kmers(fasta=str(genome), window=500)
+    assert Counter(id_span(g)[0] for g in set(blocks.groups.tolist())) == {
+        "chrom": 17,
+        "p1": 2,
+        "p2": 1,
+    }
+    by_record = load_kmers(fasta=str(genome), window=500, group_by="record")
+    assert set(by_record.groups.tolist()) == set(records)
+
+
+def test_h5_written_from_a_fasta_gives_its_groups(tmp_path):
+    fasta = write_fasta(tmp_path / "g.fa", {"chrom": random_dna(30_000, 15, "ACGTN")}, width=80)
+    out = tmp_path / "kmers.h5"
+    main(["--fasta", str(fasta), "--window", "1000", "--step", "400", "--out", str(out)])
+    with h5py.File(out, "r") as f:
+        # The file keeps the records; the grouping is chosen when it is loaded.
+        assert set(f["groups"].asstr()[()].tolist()) == {"chrom"}
+        n = len(f["ids"])
+    for group_by in ("auto", "record", "block", "window"):
+        from_h5 = load_kmers(path=str(out), group_by=group_by)
+        direct = load_kmers(fasta=str(fasta), window=1000, step=400, group_by=group_by)
+        assert np.array_equal(from_h5.ids, direct.ids), group_by
+        assert np.array_equal(from_h5.groups, direct.groups), group_by
+        assert np.array_equal(from_h5.values, direct.values), group_by
+    assert len(set(load_kmers(path=str(out)).groups.tolist())) == 20
+    # Blocks need positions: an h5 file whose ids are not record:start-end says so.
+    with h5py.File(out, "r+") as f:
+        del f["ids"]
+        f.create_dataset("ids", data=[f"w{i}" for i in range(n)], dtype=h5py.string_dtype())
+    with pytest.raises(DataError, match="kmers.h5: window id 'w0': expected record:start-end"):
+        load_kmers(path=str(out))
+    assert len(load_kmers(path=str(out), group_by="record")) == n
+
+
+@pytest.mark.slow
+def test_a_one_record_fasta_trains_with_defaults(compose_config, tmp_path, one_thread):
+    # Imported here: MLflow and vaelab.train (Optuna) are slow imports no other test here needs.
+    import mlflow
+
+    from vaelab.train import train
+
+    fasta = write_fasta(tmp_path / "genome.fna.gz", {"chrom": random_dna(120_000, 16)}, gz=True)
+    cfg = compose_config(
+        ["dataset=kmers", f"dataset.fasta='{fasta}'", "model=mlp", "model.hidden_dims=[32,16]"]
+        + ["model.latent_dim=4", "trainer.epochs=1", "trainer.batch_size=8"]
+        + ["trainer.patience=null", "trainer.device=cpu", "evaluation.downstream=false"]
+    )
+    assert cfg.dataset.group_by == "auto" and cfg.dataset.window == 5000
+    objective = train(cfg, tmp_path / "run")
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    assert objective == runs[0].data.metrics["final/active_units"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -365,6 +549,9 @@ def test_bad_windows_and_options(tmp_path):
         load_kmers(fasta=str(fasta), group_by="contig")
     with pytest.raises(DataError, match="max_skipped_fraction"):
         load_kmers(fasta=str(fasta), max_skipped_fraction=1.5)
+    for n_blocks in (0, True, 2.5):
+        with pytest.raises(DataError, match="n_blocks: expected a positive integer"):
+            load_kmers(fasta=str(fasta), window=50, n_blocks=n_blocks)
     other = write_fasta(tmp_path / "h.fa", {"a": "ACGT" * 30})
     with pytest.raises(DataError, match="h.fa: record id 'a' also appears in .*g.fa"):
         load_kmers(fasta=[str(fasta), str(other)], window=50)
@@ -454,14 +641,26 @@ def test_real_ecoli_contig(ecoli_text, caplog):
 
 def test_hydra_composes_kmers_and_splits_a_single_genome(compose_config):
     cfg = compose_config(["dataset=kmers", f"dataset.fasta=['{ECOLI}']", "dataset.window=20000"])
-    assert cfg.dataset.group_by == "record" and cfg.dataset.step is None
+    assert cfg.dataset.group_by == "auto" and cfg.dataset.n_blocks == 20
+    assert cfg.dataset.step is None
+    by_record = compose_config(
+        ["dataset=kmers", f"dataset.fasta=['{ECOLI}']", "dataset.window=20000"]
+        + ["dataset.group_by=record"]
+    )
     with execution_whitelist(["vaelab.*"]):
-        samples = instantiate(cfg.dataset)
+        samples = instantiate(by_record.dataset)
         assert samples.values.shape == (869782 // 20000, N_FEATURES)
         assert samples.feature_groups == SEED_GROUPS
         # One contig is one group: no split is possible, and the error says why.
         with pytest.raises(DataError, match="1 groups cannot fill train, val and test"):
             prepare(samples, 0.15, 0.15, seed=0)
+        # The default cuts the contig's 43 windows into 20 blocks (array_split: 3 of 3
+        # windows, 17 of 2), which split 3/3/14 blocks.
+        by_block = instantiate(cfg.dataset)
+        assert np.array_equal(by_block.ids, samples.ids)
+        assert sorted(Counter(by_block.groups.tolist()).values()) == [2] * 17 + [3] * 3
+        blocks = prepare(by_block, 0.15, 0.15, seed=0)
+        assert [len(set(by_block.groups[blocks.split == s])) for s in SPLITS] == [14, 3, 3]
         by_window = instantiate(
             compose_config(
                 [

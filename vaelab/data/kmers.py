@@ -32,10 +32,30 @@ columns together would subtract one geometric mean dominated by the 2,080 sparse
 zeros, log 1e-6 = -13.8), so the 1- to 5-mer values would move with 6-mer sparsity rather than
 with their own composition (Aitchison 1986: CLR is defined on one composition).
 
-Groups. `group_by="record"` (default) keeps every window of one record in one split, so
-neighbouring and overlapping windows of one contig never leak between train and test; it needs
-at least three records. A single genome (one record) needs `group_by="window"`: each window is
-its own group, so windows that overlap (step < window) can then share bases across splits.
+Groups. The train/val/test split never puts one group in two splits (vaelab.data.prepare), so
+the grouping decides what can leak between them. `group_by`:
+- "record": every window of one FASTA record is one group, so neighbouring and overlapping
+  windows of a contig never leak between train and test; the split needs at least 3 records.
+- "block": the windows of each record, in order along it, are cut into contiguous blocks and
+  each block is a group, named by the span of its windows, `record:start-end` (the window ids
+  stay as they are). `n_blocks` blocks (default 20) are shared out among the records in
+  proportion to their windows, rounded half up, at least one a record: one genome gives 20
+  blocks, of which the default 15 %/15 % split puts exactly 3 in val and 3 in test; a record
+  with less than half a block's share of the windows (a small plasmid) stays whole. With
+  step < window, the first windows of a block that overlap a window of an earlier block are
+  dropped, so that no base is in two groups: ceil(window / step) - 1 windows at each boundary
+  inside a record without gaps, fewer where dropped windows (max_skipped_fraction) left a gap.
+  The number dropped is logged. A record is cut into at most n // (g + 1) blocks (n windows, each
+  overlapping at most g later ones), so that no block is dropped whole.
+- "window": each window is its own group. With step < window overlapping windows share bases,
+  and shared bases can then land in train and test: only step = window is free of leaks.
+- "auto" (default): "record" when every record holds at most 15 % of the windows (at least 7
+  records), else "block" (one genome; a chromosome with its plasmids). `AUTO_MAX_RECORD_SHARE`
+  says why.
+Records and shares are counted after max_skipped_fraction has dropped windows. The h5 file
+stores each window's record as `groups` and the grouping is chosen when it is loaded, as for a
+FASTA file, so a file and the h5 written from it give the same groups. An npy file has neither
+records nor positions: each of its rows is its own group, whatever group_by says.
 
 Sources (exactly one): FASTA files, plain or gzip (told apart by the gzip magic bytes 1f 8b,
 not the file name); the h5 file the command above writes (`H5_KEYS`); or the seed's
@@ -71,7 +91,13 @@ KS = (6, 5, 4, 3, 2, 1)  # k-mer sizes in column order (seed 002)
 PSEUDOCOUNT = 1e-6  # added to every count before the log (seed 002)
 GZIP_MAGIC = b"\x1f\x8b"
 H5_KEYS = ("counts", "values", "ids", "groups", "feature_names", "skipped_kmers")
-GROUP_BY = ("record", "window")
+GROUP_BY = ("auto", "record", "block", "window")
+# group_by="auto" groups by record only when every record holds at most this share of the
+# windows: the default split.val_fraction and test_fraction (conf/train.yaml), so that any record
+# fits whole into any split. A larger record cannot: a chromosome with two plasmids grouped by
+# record puts ~95 % of the windows into whichever split draws the chromosome, val or test two
+# times in three. Such files, and single genomes, are grouped by block instead.
+AUTO_MAX_RECORD_SHARE = 0.15
 # all_kmers.npy (seed 002): column 0 row index, 8,192 7-mers, then the 2,772 features used.
 NPY_COLUMNS = 10965
 NPY_FIRST_FEATURE = 8193
@@ -320,7 +346,11 @@ def _check_window(source: str, window: int, step: int | None) -> None:
 
 
 def write_kmers_h5(out: str, table: KmerTable, attrs: dict[str, object]) -> None:
-    """Write counts, CLR values, ids, record groups, feature names and skips (`H5_KEYS`)."""
+    """Write counts, CLR values, ids, records (as `groups`), feature names and skips (`H5_KEYS`).
+
+    `groups` holds each window's record whatever the grouping: `load_kmers` applies group_by
+    when it reads the file, from these records and the ids, exactly as for the FASTA files.
+    """
     text = h5py.string_dtype("utf-8")
     with h5py.File(out, "w") as f:
         f.create_dataset("counts", data=table.counts.astype(np.int32), compression="gzip")
@@ -403,6 +433,72 @@ def _read_npy(path: str) -> tuple[np.ndarray, np.ndarray]:
     return counts, ids
 
 
+# ----------------------------------------------------------------------------- groups
+
+
+def window_positions(source: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) in bp of every window id `record:start-end`; stops on an id of another form."""
+    starts, ends = np.empty(len(ids), dtype=np.int64), np.empty(len(ids), dtype=np.int64)
+    for i, window_id in enumerate(ids.tolist()):
+        # rsplit: a record name may itself hold ':' or '-', the position part never does.
+        span = window_id.rsplit(":", 1)[-1].split("-")
+        if len(span) != 2 or not all(part.isdigit() for part in span):
+            raise DataError(
+                f"{source}: window id {window_id!r}: expected record:start-end (bp), as python -m "
+                "vaelab.data.kmers writes, to place the window for group_by=block"
+            )
+        starts[i], ends[i] = int(span[0]), int(span[1])
+    return starts, ends
+
+
+def choose_group_by(records: np.ndarray) -> str:
+    """group_by="auto": "record" if no record holds over `AUTO_MAX_RECORD_SHARE` of the windows."""
+    _, windows = np.unique(records, return_counts=True)
+    return "record" if windows.max() <= AUTO_MAX_RECORD_SHARE * windows.sum() else "block"
+
+
+def block_groups(
+    records: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_blocks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(group of every window, windows kept): contiguous blocks of each record's windows.
+
+    Each record gets round_half_up(n_blocks x its share of the windows) blocks, at least one, at
+    most n // (g + 1) for n windows each overlapping at most g later ones, cut as evenly as
+    np.array_split cuts. Windows that overlap a kept window of an earlier block of their record
+    are not kept; a group is named by the span of its kept windows, `record:start-end`.
+    """
+    names, inverse, windows = np.unique(records, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    order = np.lexsort((starts, inverse))  # by record, then along it
+    bounds = np.concatenate([[0], np.cumsum(windows)])
+    # Half up, as vaelab.data.prepare rounds its split, not Python's round-half-to-even.
+    wanted = np.maximum(1, np.floor(n_blocks * windows / len(records) + 0.5).astype(np.int64))
+    # A record in one block is one group, named by its span: no boundary, nothing dropped.
+    first = np.minimum.reduceat(starts[order], bounds[:-1])
+    last = np.maximum.reduceat(ends[order], bounds[:-1])
+    whole = np.array([f"{r}:{a}-{b}" for r, a, b in zip(names, first, last, strict=True)])
+    groups = whole[inverse].astype(object)
+    keep = np.ones(len(records), dtype=bool)
+    for record in np.flatnonzero(wanted > 1).tolist():
+        rows = order[bounds[record] : bounds[record + 1]]
+        record_starts, record_ends = starts[rows], ends[rows]
+        # Window i overlaps the later windows that start before it ends: at most `most` of them,
+        # so blocks of more than `most` windows each keep at least one.
+        starting_before_end = np.searchsorted(record_starts, record_ends)
+        most = max(0, int((starting_before_end - np.arange(1, len(rows) + 1)).max()))
+        count = min(int(wanted[record]), max(1, len(rows) // (most + 1)))
+        reached = np.iinfo(np.int64).min  # the end of the kept windows of earlier blocks
+        for block in np.array_split(np.arange(len(rows)), count):
+            overlapping = record_starts[block] < reached
+            keep[rows[block[overlapping]]] = False
+            kept = block[~overlapping]
+            if kept.size:
+                span_start, span_end = record_starts[kept].min(), record_ends[kept].max()
+                groups[rows[kept]] = f"{names[record]}:{span_start}-{span_end}"
+                reached = max(reached, int(span_end))
+    return groups.astype(str), keep
+
+
 # ----------------------------------------------------------------------------- loader
 
 
@@ -412,15 +508,19 @@ def load_kmers(
     npy: str | None = None,
     window: int = 5000,
     step: int | None = None,
-    group_by: str = "record",
+    group_by: str = "auto",
     max_skipped_fraction: float = 1.0,
+    n_blocks: int = 20,
 ) -> SampleSet:
     """K-mer composition samples from exactly one of FASTA files, a kmers h5 file or all_kmers.npy.
 
     window, step: bp, for FASTA only (an h5 file keeps the windows it was written with).
-    group_by: "record" keeps a record's windows in one split; "window" makes each its own group.
+    group_by: "record" keeps a record's windows in one split, "block" each contiguous block of
+    them, "window" makes each window its own group; "auto" picks record or block (module
+    docstring, Groups).
     max_skipped_fraction: drop windows whose share of skipped k-mer positions exceeds this
     (1.0 keeps every window; 0.5 drops windows that are mostly N). Not known for npy files.
+    n_blocks: blocks (groups) over all records for group_by="block", shared out by windows.
     """
     given = {k: v for k, v in (("fasta", fasta), ("path", path), ("npy", npy)) if v is not None}
     if len(given) != 1:
@@ -431,6 +531,8 @@ def load_kmers(
         )
     if group_by not in GROUP_BY:
         raise DataError(f"kmers: group_by: expected one of {list(GROUP_BY)}, found {group_by!r}")
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int | np.integer) or n_blocks < 1:
+        raise DataError(f"kmers: n_blocks: expected a positive integer, found {n_blocks!r}")
     if not 0.0 <= float(max_skipped_fraction) <= 1.0:
         raise DataError(
             f"kmers: max_skipped_fraction: expected 0 <= fraction <= 1, found "
@@ -444,18 +546,24 @@ def load_kmers(
         if not files:
             raise DataError("kmers: dataset.fasta: expected at least one FASTA file, found []")
         table = count_fasta(files, window, step)
-        counts, skipped, ids, groups = table.counts, table.skipped, table.ids, table.records
+        counts, skipped, ids, records = table.counts, table.skipped, table.ids, table.records
         values, source = clr(counts), ", ".join(files)
     elif path is not None:
         source = os.fspath(path)
-        counts, values, ids, groups, skipped = _read_h5(source)
+        counts, values, ids, records, skipped = _read_h5(source)
     else:
         source = os.fspath(npy)
         counts, ids = _read_npy(source)
-        values, groups = clr(counts), ids.copy()
+        values, records = clr(counts), ids.copy()
         names = [f"{k}mer_{i:04d}" for k in KS for i in range(n_canonical(k))]
-        if group_by == "record":
-            logger.info("%s: all_kmers.npy has no record ids; each row is its own group", source)
+        if group_by != "window":
+            logger.info(
+                "%s: all_kmers.npy has no records or positions (group_by=%s); each row is its "
+                "own group",
+                source,
+                group_by,
+            )
+        group_by = "window"
 
     # GC content needs the 1-mer columns in known order (A, C), which an npy file does not state.
     factors = {} if npy is not None else {"gc_content": gc_content(counts)}
@@ -485,16 +593,54 @@ def load_kmers(
                 int((~keep).sum()),
                 max_skipped_fraction,
             )
-            values, ids, groups, skipped = values[keep], ids[keep], groups[keep], skipped[keep]
+            values, ids, records, skipped = values[keep], ids[keep], records[keep], skipped[keep]
             factors = {name: factor[keep] for name, factor in factors.items()}
         factors["skipped_kmers"] = skipped.astype(np.float64)
+
+    # Groups, from the windows kept above: an N run must not count towards a record's share.
+    if group_by == "auto":
+        group_by = choose_group_by(records)
+        _, windows = np.unique(records, return_counts=True)
+        logger.info(
+            "%s: group_by=auto: the largest of %d record(s) holds %.1f%% of the windows, so "
+            "group by %s (record only when every record holds at most %.0f%%)",
+            source,
+            len(windows),
+            100.0 * windows.max() / windows.sum(),
+            group_by,
+            100.0 * AUTO_MAX_RECORD_SHARE,
+        )
+    groups = records
     if group_by == "window":
         groups = ids.copy()
+        if fasta is not None and step is not None and step < window:
+            logger.warning(
+                "%s: group_by=window with step %d < window %d bp: overlapping windows share "
+                "bases, which can then be in train and test; group_by=block keeps them apart",
+                source,
+                step,
+                window,
+            )
+    elif group_by == "block":
+        starts, ends = window_positions(source, ids)
+        groups, keep = block_groups(records, starts, ends, n_blocks)
+        logger.info(
+            "%s: group_by=block: %d blocks (n_blocks=%d) over %d record(s); dropped %d windows "
+            "that overlap a window of another block (step < window), so no base is in two groups",
+            source,
+            len(np.unique(groups[keep])),
+            n_blocks,
+            len(np.unique(records)),
+            int((~keep).sum()),
+        )
+        if not keep.all():
+            values, ids, groups = values[keep], ids[keep], groups[keep]
+            factors = {name: factor[keep] for name, factor in factors.items()}
     n_groups = len(np.unique(groups))
     if n_groups < 3:
         logger.warning(
             "%s: only %d group(s) (group_by=%s); train/val/test splits need at least 3, so "
-            "set dataset.group_by=window for a single genome",
+            "set dataset.group_by=auto or block for a single genome",
             source,
             n_groups,
             group_by,
