@@ -14,6 +14,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from vaelab.diagnostics import CollapseCriteria, sweep_constraints
 from vaelab.errors import ConfigError
 from vaelab.sweep.plots import plot_sweep
 from vaelab.sweep.storage import open_storage
@@ -224,11 +225,24 @@ def test_a_job_reaches_its_trial_reports_is_pruned_and_records_the_constraint(tm
 
     trial.start("run-1", tmp_path / "run")
     assert trial.should_prune(0, {"val/active_units": 1.0})  # below the floor of 5
-    metrics = {"final/active_units": 2.0, "final/kl": 0.25, "final/recon": 0.5, "final/mi": 0.1}
-    assert trial.finish(metrics, "collapsed") == pytest.approx(0.75)  # threshold 1 − KL 0.25
+    metrics = {
+        "final/active_units": 2.0,
+        "final/kl": 0.25,
+        "final/mi": 0.1,
+        "final/kl_marginal": 0.15,
+        "final/recon": 0.5,
+        "final/recon_z0": 0.5,
+    }
+    verdict = {"verdict": "collapsed", "failed": "decoder_uses_z_gain_at_least_0.02"}
+    constraints = sweep_constraints(metrics, 1.0, CollapseCriteria())
+    assert trial.finish(metrics, verdict, constraints) is None
 
     (frozen,) = optuna.load_study(study_name="unit", storage=open_storage(str(journal))).trials
-    assert frozen.constraints == {"kl": pytest.approx(0.75)}
+    assert frozen.constraints == {
+        "kl": pytest.approx(0.75),  # threshold 1 − KL 0.25
+        "mi": pytest.approx(0.0),  # MI 0.1 meets its floor of 0.1
+        "decoder_uses_z": pytest.approx(0.01),  # recon 0.5 > 0.98 × recon_z0 0.5
+    }
     assert frozen.intermediate_values == {0: 1.0}
     attrs = frozen.user_attrs
     assert attrs["mlflow_run_id"] == "run-1" and attrs["feasible"] is False

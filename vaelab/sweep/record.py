@@ -12,7 +12,7 @@ from typing import Any
 
 import mlflow
 import optuna
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 from vaelab.sweep.plots import plot_sweep
 from vaelab.tracking import MAX_PARAM_LENGTH, MlflowTracker
@@ -40,14 +40,24 @@ class MlflowSweepRecord:
     def fill_parent(
         self, parent_run_id: str, study: optuna.Study, summary: dict[str, Any], results: Path
     ) -> None:
-        """Attach the results file and plots, and log the best trial's params and metrics."""
+        """Attach the results file and plots; tag the counts of feasible trials and, for each
+        constraint, of complete trials that broke it (sweep.n_broken.<name>); log the best
+        trial's params and metrics."""
         client = mlflow.MlflowClient(self.uri)
         client.log_artifact(parent_run_id, str(results))
         for plot in plot_sweep(study, results.parent / "plots"):
             client.log_artifact(parent_run_id, str(plot), artifact_path="plots")
         client.set_tag(parent_run_id, "sweep.trials", str(summary["trials"]))
-        if "feasible" in summary:
-            client.set_tag(parent_run_id, "sweep.n_feasible", str(len(summary["feasible"])))
+        if "feasible" in summary:  # a constrained study: how many trials broke which constraint
+            counts = {
+                "sweep.n_feasible": len(summary["feasible"]),
+                "sweep.n_infeasible": len(summary["infeasible"]),
+                **{
+                    f"sweep.n_broken.{name}": n
+                    for name, n in summary["infeasible_by_constraint"].items()
+                },
+            }
+            client.log_batch(parent_run_id, tags=[RunTag(k, str(n)) for k, n in counts.items()])
         best = summary.get("best")
         if best:
             self._log_best(client, parent_run_id, best)

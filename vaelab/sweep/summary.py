@@ -1,9 +1,19 @@
 """The end of a sweep as plain data: the best trial (or the Pareto front), the feasible set,
-and the counts by state, written to optimization_results.yaml.
+the infeasible trials with the constraints each broke, and the counts by state, written to
+optimization_results.yaml.
 
 The file keeps the stock plugin's keys (`name`, `best_params`, `best_value`, or `solutions`
 for several objectives), so tools written for it read vaelab's, and adds vaelab's (`study`,
-`trials`, `best`, and `feasible` when the trials carry constraints).
+`trials`, `best`, and, when the trials carry constraints, `feasible`, `infeasible` and
+`infeasible_by_constraint`):
+
+    infeasible:
+      - number: 3
+        broke: {mi: "I(x; z) ≥ 0.1 nats"}  # each broken constraint and what it asks
+        values: [2.0]
+        params: {schedule.beta: 4.1}
+        constraints: {kl: -0.4, mi: 0.07, decoder_uses_z: -0.1}
+    infeasible_by_constraint: {kl: 0, mi: 1, decoder_uses_z: 0}
 """
 
 import logging
@@ -17,15 +27,28 @@ from optuna.trial import FrozenTrial, TrialState
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "optimization_results.yaml"
+# Said of a broken constraint whose trial recorded no meaning (set by an app other than vaelab).
+UNEXPLAINED = "its value must be ≤ 0"
+
+
+def broken_constraints(trial: FrozenTrial) -> list[str]:
+    """The names of the trial's constraints that do not hold: value > 0 (Optuna's rule)."""
+    return [name for name, value in trial.constraints.items() if value > 0]
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    """Feasible: every constraint ≤ 0 (KL above sweep.kl_threshold). Unknown counts as not."""
-    return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
+    """Feasible: every constraint ≤ 0, as Optuna judges it; a trial with none is feasible."""
+    return not broken_constraints(trial)
+
+
+def constraint_names(trials: list[FrozenTrial]) -> list[str]:
+    """Every constraint name the trials carry, in the order they first appear."""
+    return list(dict.fromkeys(name for t in trials for name in t.constraints))
 
 
 def summarise(study: optuna.Study) -> dict[str, Any]:
-    """Counts by state, the best trial(s) and, in a constrained study, the feasible set.
+    """Counts by state, the best trial(s) and, in a constrained study, the feasible set and
+    the infeasible trials with the constraints each broke.
 
     With constraints on any completed trial the best is the best feasible trial (None if no
     trial is feasible); without, it is simply the best trial, as in the stock plugin.
@@ -33,7 +56,7 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     constrained = any(t.constraints for t in done)
-    candidates = [t for t in done if is_feasible(t)] if constrained else done
+    candidates = [t for t in done if is_feasible(t)]
     summary: dict[str, Any] = {"name": "optuna"}
     if len(study.directions) == 1:
         # Optuna's best_trial is the best feasible trial in a constrained study.
@@ -70,7 +93,28 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
             }
             for t in candidates
         ]
+        infeasible = [t for t in done if not is_feasible(t)]
+        summary["infeasible"] = [
+            {
+                "number": t.number,
+                "broke": _broke(t),
+                "values": t.values,
+                "params": t.params,
+                "constraints": t.constraints,
+            }
+            for t in infeasible
+        ]
+        summary["infeasible_by_constraint"] = {
+            name: sum(name in broken_constraints(t) for t in infeasible)
+            for name in constraint_names(done)
+        }
     return summary
+
+
+def _broke(trial: FrozenTrial) -> dict[str, str]:
+    """Each constraint the trial broke, with what it asks (vaelab.sweep.trial records it)."""
+    meanings = trial.user_attrs.get("constraint_meanings", {})
+    return {name: meanings.get(name, UNEXPLAINED) for name in broken_constraints(trial)}
 
 
 def write_results(summary: dict[str, Any], sweep_dir: Path) -> Path:
@@ -82,8 +126,8 @@ def write_results(summary: dict[str, Any], sweep_dir: Path) -> Path:
 
 
 def log_summary(summary: dict[str, Any], results: Path, storage: str) -> None:
-    """Say how the sweep went, what won, and where to look."""
-    log.info("Sweep %r: %s", summary["study"], summary["trials"])
+    """Say how the sweep went, what won, which constraints the others broke, and where to look."""
+    log.info("Sweep %r: %s", summary["study"], _counts(summary))
     if "solutions" in summary:
         for t in summary["solutions"]:
             log.info("Pareto trial %d: values %s, params %s", t["number"], t["values"], t["params"])
@@ -108,4 +152,31 @@ def log_summary(summary: dict[str, Any], results: Path, storage: str) -> None:
             t["constraints"],
             t["params"],
         )
+    for t in summary.get("infeasible", []):
+        log.info(
+            "  infeasible trial %d: broke %s; values %s, params %s",
+            t["number"],
+            "; ".join(f"{name} ({meaning})" for name, meaning in t["broke"].items()),
+            t["values"],
+            t["params"],
+        )
     log.info("Results: %s; Optuna storage %s", results, storage)
+
+
+def _counts(summary: dict[str, Any]) -> str:
+    """The trials counted: feasible, infeasible by broken constraint, pruned, failed.
+
+    e.g. "1 feasible, 3 of 4 infeasible: kl 1, mi 3, decoder_uses_z 2; 1 pruned, 0 failed
+    (by state {'COMPLETE': 4, 'PRUNED': 1})"; a trial may break several constraints.
+    """
+    by_state = summary["trials"]
+    complete = by_state.get("COMPLETE", 0)
+    ended = f"{by_state.get('PRUNED', 0)} pruned, {by_state.get('FAIL', 0)} failed"
+    if "feasible" not in summary:
+        return f"{complete} complete (no constraints), {ended} (by state {by_state})"
+    broken = ", ".join(f"{name} {n}" for name, n in summary["infeasible_by_constraint"].items())
+    return (
+        f"{len(summary['feasible'])} feasible, "
+        f"{len(summary['infeasible'])} of {complete} infeasible: {broken}; "
+        f"{ended} (by state {by_state})"
+    )

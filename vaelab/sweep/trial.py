@@ -3,16 +3,18 @@
 Hydra's stock Optuna sweeper never hands the job its trial. vaelab's sweeper
 (`vaelab.sweep.sweeper`) fills the job's `optuna_trial` group (study_name, storage, number,
 parent_run_id, n_parallel); the job loads the study from the storage and, through its trial,
-reports the objective every epoch, asks the pruner whether to stop, records the KL constraint,
-and leaves a heartbeat so that a later sweep can tell a dead trial from a running one.
+reports the objective every epoch, asks the pruner whether to stop, records its constraints
+(vaelab.diagnostics.sweep_constraints), and leaves a heartbeat so that a later sweep can tell
+a dead trial from a running one.
 
     trial = SweepTrial.from_config(cfg)  # None in a single run
     trial.start(mlflow_run_id, run_dir)
     if trial.should_prune(epoch, metrics): ...
-    constraint = trial.finish(final_metrics, verdict)
+    trial.finish(final_metrics, verdict, constraints)
 """
 
 import logging
+import math
 import os
 import socket
 import time
@@ -22,14 +24,23 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.config import build, objective_names
+from vaelab.diagnostics import Constraint
 from vaelab.errors import ConfigError
 from vaelab.sweep.storage import open_storage
 
 log = logging.getLogger(__name__)
 
-KL_CONSTRAINT = "kl"  # Optuna constraint name; feasible when ≤ 0
-# The final metrics a trial copies to its user attrs, read by the sweep's summary and plots.
-RECORDED_METRICS = ("final/active_units", "final/kl", "final/recon", "final/mi")
+# The final metrics a trial copies to its user attrs (final/kl -> val_kl), read by the sweep's
+# summary, its plots and the dashboard. KL = MI + marginal KL (Hoffman & Johnson 2016), and
+# recon against recon_z0 is the decoder_uses_z constraint: together they say why a trial broke.
+RECORDED_METRICS = (
+    "final/active_units",
+    "final/kl",
+    "final/mi",
+    "final/kl_marginal",
+    "final/recon",
+    "final/recon_z0",
+)
 
 
 class SweepTrial:
@@ -41,7 +52,6 @@ class SweepTrial:
         storage: str,
         number: int,
         parent_run_id: str | None,
-        kl_threshold: float,
         pruner: optuna.pruners.BasePruner | None,
         objectives: list[str],
     ) -> None:
@@ -57,7 +67,6 @@ class SweepTrial:
         self.study_name = study_name
         self.number = number
         self.parent_run_id = parent_run_id
-        self.kl_threshold = kl_threshold
         self.objectives = objectives
         # Optuna prunes on one reported value; a Pareto sweep has several, so it never prunes.
         self.prunes = pruner is not None and len(objectives) == 1
@@ -66,8 +75,8 @@ class SweepTrial:
     def from_config(cls, cfg: DictConfig) -> "SweepTrial | None":
         """The job's trial when a vaelab sweep launched it (optuna_trial.number set), else None.
 
-        Reads `optuna_trial` (filled by the sweeper) and the user's `sweep.objective`,
-        `sweep.kl_threshold` and `sweep.pruner` (an empty node, sweep/pruner=none, prunes nothing).
+        Reads `optuna_trial` (filled by the sweeper) and the user's `sweep.objective` and
+        `sweep.pruner` (an empty node, sweep/pruner=none, prunes nothing).
         """
         handed = cfg.optuna_trial
         if handed.number is None:
@@ -83,7 +92,6 @@ class SweepTrial:
             storage=handed.storage,
             number=int(handed.number),
             parent_run_id=handed.parent_run_id,
-            kl_threshold=float(cfg.sweep.kl_threshold),
             pruner=build(pruner_node) if pruner_node else None,
             objectives=objective_names(cfg.sweep.objective),
         )
@@ -104,19 +112,38 @@ class SweepTrial:
         self.trial.report(metrics[self.objectives[0]], step=epoch)
         return self.trial.should_prune()
 
-    def finish(self, final_metrics: dict[str, float], verdict: str) -> float:
-        """Record the KL constraint and the outcome; return the constraint value.
+    def finish(
+        self,
+        final_metrics: dict[str, float],
+        verdict: dict[str, object],
+        constraints: list[Constraint],
+    ) -> None:
+        """Set every constraint on the trial and record why it is (in)feasible as user attrs.
 
-        Constraint = sweep.kl_threshold − raw validation KL (nats per sample): a trial whose
-        KL fell below the threshold has a positive value and is infeasible. Optuna 5 reads
-        constraints set on the trial (Trial.set_constraint); its sampler `constraints_func`
-        is deprecated since 5.0.0.
+        Optuna 5 reads constraints set on the trial (Trial.set_constraint; the sampler's
+        `constraints_func` is deprecated since 5.0.0): the trial is feasible when every value
+        is ≤ 0. The user attrs say the same for people and the sweep's summary: `feasible`,
+        `broken_constraints` (names), `constraint_meanings` ({name: what must hold}),
+        `constraint_<name>` (each value), the collapse verdict and its failed checks, and the
+        RECORDED_METRICS as val_<name>.
         """
-        constraint = self.kl_threshold - final_metrics["final/kl"]
-        self.trial.set_constraint(KL_CONSTRAINT, constraint)
-        self.trial.set_user_attr("constraint_kl", constraint)
-        self.trial.set_user_attr("feasible", constraint <= 0)
-        self.trial.set_user_attr("collapse_verdict", verdict)
+        values = {}
+        for constraint in constraints:
+            value = constraint.value
+            if math.isnan(value):  # Optuna refuses NaN; a constraint not measured is not met
+                log.warning("Constraint %s is NaN: counted as broken (+inf)", constraint.name)
+                value = math.inf
+            self.trial.set_constraint(constraint.name, value)
+            values[constraint.name] = value
+        broken = [name for name, value in values.items() if value > 0]
+        self.trial.set_user_attr("feasible", not broken)
+        self.trial.set_user_attr("broken_constraints", broken)
+        self.trial.set_user_attr("constraint_meanings", {c.name: c.meaning for c in constraints})
+        for name, value in values.items():
+            self.trial.set_user_attr(f"constraint_{name}", value)
+        self.trial.set_user_attr("collapse_verdict", verdict["verdict"])
+        self.trial.set_user_attr("collapse_failed", verdict["failed"])
         for name in RECORDED_METRICS:
             self.trial.set_user_attr(name.replace("final/", "val_"), final_metrics[name])
-        return constraint
+        if broken:
+            log.info("Trial %d is infeasible: it broke %s", self.number, ", ".join(broken))
