@@ -14,9 +14,12 @@ STUDY ?= quick
 OUT ?= multirun
 PORT ?= 5000
 DASHBOARD_PORT ?= 8080
+# make evidence: trials per data set and epochs per trial.
+TRIALS ?= 12
+EPOCHS ?= 20
 
 .DEFAULT_GOAL := help
-.PHONY: help install run train sweep ui dashboard test test-fast bench lint clean-multirun
+.PHONY: help install run train sweep ui dashboard test test-fast bench evidence lint clean-multirun
 
 # One `make train-<name>` and `make sweep-<name>` per file of conf/experiment/, generated below
 # (no copy per experiment). Each experiment file names its own search space
@@ -77,6 +80,9 @@ test-fast: $(STAMP) ## Run only the tests not marked slow
 bench: $(STAMP) ## Print throughput of every model, share of matmul peak, loop and sweep overhead (~8 min)
 	$(BIN)/python -m vaelab.bench
 	$(BIN)/python -m vaelab.bench_sweep
+
+evidence: $(STAMP) ## The generic collapse search on every bundled data set; writes README's results table (~15 min)
+	$(BIN)/python -m vaelab.evidence --trials $(TRIALS) --epochs $(EPOCHS)
 
 lint: $(STAMP) ## ruff check, ruff format --check, and the import-linter layers contract (pyproject.toml)
 	$(BIN)/ruff check vaelab tests

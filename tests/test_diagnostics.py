@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from vaelab.diagnostics import (
+    CollapseCriteria,
     active_units,
     codebook_usage,
     codebook_verdict,
     collapse_verdict,
     diagnose,
     mutual_information,
+    sweep_constraints,
 )
 from vaelab.losses import ElboLoss, VQLoss, code_perplexity
 from vaelab.models.base import VAEOutput
@@ -66,16 +68,54 @@ def test_mi_is_chunked_without_changing_the_answer():
     assert mutual_information(mu, logvar) == full  # its own generator: repeatable
 
 
-def test_verdict_flags_each_seed_000_criterion():
+CRITERIA = CollapseCriteria()
+
+
+def verdict_of(kl=2.0, mu=None, logvar=None, mi=1.0, recon=0.5, recon_z0=1.0):
+    """collapse_verdict of a healthy case, with one ingredient replaced."""
     torch.manual_seed(0)
-    healthy = collapse_verdict(2.0, torch.randn(100, 4), torch.full((100, 4), -1.0))
-    assert healthy["verdict"] == "healthy"
-    low_kl = collapse_verdict(0.001, torch.randn(100, 4), torch.zeros(100, 4))
-    assert low_kl["verdict"] == "collapsed" and not low_kl["kl_above_0.01"]
-    constant_mu = collapse_verdict(2.0, torch.full((100, 4), 0.5), torch.zeros(100, 4))
-    assert constant_mu["verdict"] == "collapsed" and not constant_mu["mu_std_above_0.1"]
-    tiny_var = collapse_verdict(2.0, torch.randn(100, 4), torch.full((100, 4), -7.0))
-    assert tiny_var["verdict"] == "collapsed" and not tiny_var["logvar_mean_above_-5"]
+    mu = torch.randn(100, 4) if mu is None else mu
+    logvar = torch.full((100, 4), -1.0) if logvar is None else logvar
+    return collapse_verdict(kl, mu, logvar, mi, recon, recon_z0, CRITERIA)
+
+
+def test_a_healthy_latent_space_passes_every_check():
+    healthy = verdict_of()
+    assert healthy["verdict"] == "healthy" and healthy["failed"] == "none"
+    assert healthy["active_units"] == 4 and healthy["z_gain"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("case", "failed"),
+    [
+        (dict(kl=0.001), "kl"),
+        (dict(logvar=torch.full((100, 4), -7.0)), "logvar_mean"),
+        (dict(mi=0.03), "mi"),
+        (dict(recon=0.999, recon_z0=1.0), "decoder_uses_z"),
+    ],
+    ids=["kl", "logvar", "mi", "decoder"],
+)
+def test_each_failed_check_makes_the_run_collapsed_and_is_named(case, failed):
+    verdict = verdict_of(**case)
+    assert verdict["verdict"] == "collapsed" and verdict["failed"] == failed
+    assert verdict[f"check_{failed}"] is False
+
+
+def test_an_encoder_with_a_constant_non_zero_mean_is_collapsed():
+    # Every sample gets the same mean vector, far from 0: the spread over all N x D entries is
+    # large (seed 000's literal mu.std() = 1.1 > 0.1), the spread of each latent across samples
+    # is zero, which is what the seed meant. Its KL is large, but z tells no sample apart.
+    mu = torch.tensor([2.0, -1.0, 0.5, 0.0]).expand(100, 4).contiguous()
+    assert float(mu.std()) > 0.1  # the old check passed this
+    logvar = torch.zeros(100, 4)
+    mi = mutual_information(mu, logvar)
+    verdict = verdict_of(kl=2.6, mu=mu, logvar=logvar, mi=mi, recon=1.0, recon_z0=1.0)
+    assert verdict["verdict"] == "collapsed" and verdict["active_units"] == 0
+    assert verdict["mu_std_max"] == 0.0
+    failed = verdict["failed"].split(", ")
+    assert "active_units" in failed and "mi" in failed
+    assert "0 dimensions whose mean varies" in verdict["why"]
+    assert mi == pytest.approx(0.0, abs=1e-9)
 
 
 class LookupVAE(torch.nn.Module):
@@ -113,6 +153,63 @@ def test_recon_z0_separates_a_decoder_that_uses_z_from_one_that_ignores_it():
     assert metrics["val/kl"] == pytest.approx(float(0.5 * (x[:, 0] ** 2).mean()))
 
 
+def test_a_decoder_that_ignores_z_is_judged_collapsed_whatever_its_kl():
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    args = dict(loss_fn=ElboLoss(), beta=1.0, batch_size=16, device=torch.device("cpu"))
+    uses = diagnose(LookupVAE(uses_z=True), x, torch.ones_like(x), **args)
+    ignores = diagnose(LookupVAE(uses_z=False), x, torch.ones_like(x), **args)
+    # The same encoder (KL 0.7 nats, one active unit, MI ~0.5 nats) behind both decoders.
+    assert uses.kl_raw == ignores.kl_raw > 0.5 and uses.mi == ignores.mi > 0.1
+    assert uses.verdict(CRITERIA)["verdict"] == "healthy"
+    verdict = ignores.verdict(CRITERIA)
+    assert verdict["verdict"] == "collapsed"
+    assert verdict["failed"] == "decoder_uses_z"
+    assert verdict["why"] == "recon only 0.0 % below recon at z = 0, less than 2 %"
+
+
+class ConstantEncoder(LookupVAE):
+    """Every x gets the posterior N(c, I): far from the prior, the same for every sample."""
+
+    def encode(self, x):
+        return torch.full((len(x), 2), 1.5), torch.zeros(len(x), 2)
+
+    def decode(self, z):
+        return z[:, :1].expand(-1, 3), {}
+
+
+def test_kl_of_an_off_prior_aggregate_posterior_without_information_is_infeasible():
+    x = torch.randn(50, 3)
+    val = diagnose(
+        ConstantEncoder(uses_z=True),
+        x,
+        torch.ones_like(x),
+        ElboLoss(),
+        1.0,
+        16,
+        torch.device("cpu"),
+    )
+    metrics = val.metrics("val")
+    # ELBO surgery: all of the KL (2 x 0.5 x 1.5² = 2.25 nats) is KL(q(z) || p(z)), none is I(x; z).
+    assert metrics["val/kl"] == pytest.approx(2.25)
+    assert metrics["val/mi"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["val/kl_marginal"] == pytest.approx(2.25)
+    final = {k.replace("val/", "final/"): v for k, v in metrics.items()}
+    constraints = {c.name: c for c in sweep_constraints(final, 1.0, CRITERIA)}
+    assert constraints["kl"].value < 0  # the KL clears the users' threshold of 1 nat ...
+    assert constraints["mi"].value > 0  # ... and carries no information: infeasible
+    assert constraints["mi"].meaning == "I(x; z) ≥ 0.1 nats"
+    assert constraints["decoder_uses_z"].value >= 0  # z is the same for every x
+
+
+def test_mi_of_an_informative_encoder_passes_the_constraint():
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    val = diagnose(
+        LookupVAE(uses_z=True), x, torch.ones_like(x), ElboLoss(), 1.0, 16, torch.device("cpu")
+    )
+    final = {k.replace("val/", "final/"): v for k, v in val.metrics("val").items()}
+    assert all(c.value <= 0 for c in sweep_constraints(final, 0.5, CRITERIA))
+
+
 def test_loss_final_weights_is_the_loss_at_the_final_weights():
     # For the ELBO the loss is linear in β: the loss at the final β=2 equals the loss at β=0.5
     # plus 1.5 x the constrained KL.
@@ -130,10 +227,10 @@ def test_loss_final_weights_is_the_loss_at_the_final_weights():
 
 def test_codebook_verdict():
     one_code = torch.zeros(50, 4, dtype=torch.long)
-    assert codebook_verdict(one_code, recon=0.1, recon_z0=1.0)["verdict"] == "collapsed"
+    assert codebook_verdict(one_code, 0.1, 1.0, CRITERIA)["verdict"] == "collapsed"
     many = torch.arange(200).reshape(50, 4) % 7
-    assert codebook_verdict(many, recon=0.1, recon_z0=1.0)["verdict"] == "healthy"
-    ignored = codebook_verdict(many, recon=0.99, recon_z0=1.0)
+    assert codebook_verdict(many, 0.1, 1.0, CRITERIA)["verdict"] == "healthy"
+    ignored = codebook_verdict(many, 0.99, 1.0, CRITERIA)
     assert ignored["verdict"] == "collapsed" and ignored["codebook_usage"] == 7
 
 

@@ -75,11 +75,27 @@ def make(*args):
     return result.stdout
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "multiscale_vitals",
+        "lstm_vitals_baseline",
+        "conv_lstm_vitals",
+        "kmer_mlp",
+        "mri3d_baseline",
+        "mri3d_dipvae",
+        "vqvae_vitals",
+    ],
+)
+def test_seed_experiments_keep_their_seeds_mean_reduced_beta(compose_config, name):
+    assert compose_config([f"experiment={name}"]).loss.reduction == "mean"
+
+
 def test_every_experiment_names_its_search_space_and_has_tiny_settings():
     assert EXPERIMENTS == sorted(TINY_DATA)
     for name, space in SEARCH_SPACES.items():
         assert (CONF / "hparams_search" / f"{space}.yaml").is_file(), (name, space)
-    assert SEARCH_SPACES["quick"] == "quick" and SEARCH_SPACES["digits"] == "benchmarks"
+    assert SEARCH_SPACES["quick"] == "quick" and SEARCH_SPACES["digits"] == "collapse"
 
 
 def test_a_search_space_on_the_command_line_replaces_the_experiments_own(compose_config):
@@ -213,13 +229,15 @@ def test_mri3d_dipvae_is_seed_004_exp2(compose_config):
 
 
 def test_benchmark_experiments_fit_their_data(compose_config):
-    digits = compose_config(["experiment=digits"])
+    digits = compose_config(["experiment=digits"], return_hydra_config=True)
     assert digits.model._target_.endswith("MLPVAE") and digits.dataset.as_image is False
-    mnist1d = compose_config(["experiment=mnist1d"])
+    mnist1d = compose_config(["experiment=mnist1d"], return_hydra_config=True)
     assert mnist1d.model._target_.endswith("MLPVAE")
     assert (mnist1d.dataset.n_samples, mnist1d.dataset.seed) == (5000, 42)  # Greydanus 2020
-    # beta = 2 / D: the unit-variance Gaussian ELBO over a mean-reduced reconstruction
-    assert digits.schedule.beta == 2 / 64 and mnist1d.schedule.beta == 2 / 40
+    # The Gaussian ELBO on the NLL scale: β = 1, as on every data set, and the generic space
+    for cfg in (digits, mnist1d):
+        assert cfg.schedule.beta == 1.0 and cfg.loss.reduction == "sum"
+        assert cfg.hydra.runtime.choices["hparams_search"] == "collapse"
 
 
 @pytest.mark.parametrize(

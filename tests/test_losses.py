@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vaelab.config import build
+from vaelab.diagnostics import importance_weighted_log_px
 from vaelab.errors import ConfigError
 from vaelab.losses import (
     CapacityLoss,
@@ -21,7 +22,7 @@ from vaelab.losses import (
     gaussian_kl_per_dim,
     masked_mse,
 )
-from vaelab.models.base import VAEOutput
+from vaelab.models.base import GaussianVAE, VAEOutput
 from vaelab.models.vqvae import VQVAE
 
 NEW_YAMLS = ["model/vqvae.yaml", "loss/capacity.yaml", "loss/dip_vae.yaml", "loss/vq.yaml"]
@@ -102,7 +103,7 @@ def test_elbo_named_terms_with_branches_and_mask():
     branches = {"a": torch.full((2, 3, 1), 2.0), "b": torch.full((2, 3, 1), 3.0)}  # mse 4, 9
     mu = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # KL 0.5 per sample
     logvar = torch.zeros(2, 2)
-    loss = ElboLoss(free_bits=0.0, branch_weight=0.5)
+    loss = ElboLoss(free_bits=0.0, branch_weight=0.5, reduction="mean")
     terms = loss(output(recon, mu, logvar, branches), target, mask, beta=2.0)
     assert terms.recon.item() == pytest.approx(1.0)
     assert terms.branch_recon["a"].item() == pytest.approx(4.0)
@@ -115,7 +116,7 @@ def test_elbo_named_terms_with_branches_and_mask():
 
 def test_elbo_free_bits_raise_constrained_not_raw_kl():
     x = torch.zeros(2, 4)
-    terms = ElboLoss(free_bits=1.0)(
+    terms = ElboLoss(free_bits=1.0, reduction="mean")(
         output(x, torch.zeros(2, 3), torch.zeros(2, 3)), x, torch.ones_like(x), 1.0
     )
     assert terms.kl_raw.item() == pytest.approx(0.0)
@@ -136,8 +137,8 @@ def test_mean_kl_reduction_weighs_the_kl_per_dimension():
     x = torch.zeros(2, 4)
     mu = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # KL 0.5 nats per sample
     out = output(x, mu, torch.zeros(2, 4))
-    summed = ElboLoss(kl_reduction="sum")(out, x, torch.ones_like(x), beta=2.0)
-    averaged = ElboLoss(kl_reduction="mean")(out, x, torch.ones_like(x), beta=2.0)
+    summed = ElboLoss(kl_reduction="sum", reduction="mean")(out, x, torch.ones_like(x), beta=2.0)
+    averaged = ElboLoss(kl_reduction="mean", reduction="mean")(out, x, torch.ones_like(x), beta=2.0)
     assert summed.total.item() == pytest.approx(2.0 * 0.5)
     assert averaged.total.item() == pytest.approx(2.0 * 0.5 / 4)
     assert averaged.kl_raw.item() == summed.kl_raw.item() == pytest.approx(0.5)  # logged alike
@@ -340,7 +341,9 @@ def test_new_loss_configs_build(compose_config, option, cls):
     loss = build(cfg.loss)
     assert type(loss) is cls
     for key, value in cfg.loss.items():
-        if key != "_target_":
+        if key == "sigma":  # kept as log σ, a buffer that moves with the loss to the device
+            assert loss.log_sigma.exp().item() == pytest.approx(value), key
+        elif key != "_target_":
             assert getattr(loss, key) == value, key
 
 
@@ -367,3 +370,129 @@ def test_new_yamls_comment_every_key(conf_dir, path):
     for i, line in enumerate(lines):
         if re.match(r"^[a-z_]+:", line) and not line.startswith("_target_"):
             assert "#" in line or lines[i - 1].startswith("#"), line
+
+
+# --- a β with one meaning: the Gaussian likelihood, against a linear Gaussian model ------------
+
+
+class LinearGaussianVAE(GaussianVAE):
+    """z ~ N(0, I), x | z ~ N(W z + b, σ² I), q(z | x) = N(A x + c, diag(exp(logvar))): every
+    quantity of this model has a closed form (Tipping & Bishop 1999: p(x) = N(b, W Wᵀ + σ² I))."""
+
+    def __init__(self, W, b, A, c, logvar):
+        super().__init__((W.shape[0],), W.shape[1], None, input_rank=1)
+        self.W, self.b, self.A, self.c, self.fixed_logvar = W, b, A, c, logvar
+
+    def posterior(self, x):
+        return x @ self.A.T + self.c, self.fixed_logvar.expand(len(x), -1)
+
+    def decode(self, z):
+        return z @ self.W.T + self.b, {}
+
+
+def linear_gaussian(sigma=0.7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    F, D = 5, 2
+    W = torch.randn(F, D, generator=generator, dtype=torch.float64)
+    b = torch.randn(F, generator=generator, dtype=torch.float64)
+    # The exact posterior's mean map and variance, then perturbed: q is close to, not equal
+    # to, the true posterior, so the ELBO is strictly below log p(x).
+    precision = torch.eye(D, dtype=torch.float64) + W.T @ W / sigma**2
+    covariance = torch.linalg.inv(precision)
+    A = covariance @ W.T / sigma**2 * 0.8
+    c = -A @ b
+    logvar = torch.log(torch.diagonal(covariance)) + 0.3
+    model = LinearGaussianVAE(W, b, A, c, logvar).double()
+    x = torch.randn(8, F, generator=generator, dtype=torch.float64) * 2 + b
+    exact = torch.distributions.MultivariateNormal(
+        b, W @ W.T + sigma**2 * torch.eye(F, dtype=torch.float64)
+    ).log_prob(x)
+    return model, x, exact
+
+
+def analytic_negative_elbo(model, x, sigma):
+    """-E_q[log p(x | z)] + KL(q || p), per sample, in closed form for the linear model."""
+    mu, logvar = model.encode(x)
+    var = logvar.exp()
+    residual = x - mu @ model.W.T - model.b
+    expected_square = residual.pow(2).sum(1) + (var * model.W.pow(2).sum(0)).sum(1)
+    F = x.shape[1]
+    nll = 0.5 * expected_square / sigma**2 + F * math.log(sigma) + 0.5 * F * math.log(2 * math.pi)
+    kl = 0.5 * (mu.pow(2) + var - 1 - logvar).sum(1)
+    return nll + kl
+
+
+def test_sum_nll_loss_at_beta_1_is_the_negative_elbo_of_a_linear_gaussian_model():
+    sigma = 0.7
+    model, x, _ = linear_gaussian(sigma)
+    loss = ElboLoss(reduction="sum", sigma=sigma).double()
+    torch.manual_seed(0)
+    # One z sample per row: 200,000 copies of one x average the Monte Carlo loss to its mean.
+    copies = x[:1].expand(200_000, -1)
+    terms = loss(model.train()(copies), copies, torch.ones_like(copies), beta=1.0)
+    expected = analytic_negative_elbo(model, x[:1], sigma).item()
+    assert terms.total.item() == pytest.approx(expected, abs=0.02)
+    assert terms.nll.item() == pytest.approx(expected - terms.kl_raw.item(), abs=0.02)
+    # Unobserved entries drop out of the likelihood, constant terms included.
+    half = torch.ones_like(copies)
+    half[:, 3:] = 0.0
+    masked = loss(model(copies), copies, half, beta=1.0)
+    assert masked.nll.item() < terms.nll.item()
+
+
+def test_the_same_beta_weighs_the_kl_alike_whatever_the_input_size():
+    # With reduction=sum the reconstruction grows with the number of entries and the KL does
+    # not: β = 1 stays the ELBO. The mean MSE instead shrinks the reconstruction by 1 / entries.
+    mu, logvar = torch.ones(4, 2), torch.zeros(4, 2)
+    for entries in (10, 1000):
+        x = torch.zeros(4, entries)
+        out = output(x + 1.0, mu, logvar)
+        summed = ElboLoss(reduction="sum")(out, x, torch.ones_like(x), beta=1.0)
+        assert summed.nll.item() == pytest.approx(entries * (0.5 + 0.5 * math.log(2 * math.pi)))
+        mean = ElboLoss(reduction="mean")(out, x, torch.ones_like(x), beta=1.0)
+        assert mean.total.item() == pytest.approx(1.0 + 1.0)  # MSE 1 + KL 2 x 0.5
+
+
+def test_the_learned_sigma_optimum_is_the_channels_mean_squared_error():
+    # σ-VAE (Rybkin et al. 2021): with σ learned per channel, -log p(x | z) is minimised at
+    # σ_c² = the channel's MSE over the observed entries.
+    torch.manual_seed(0)
+    target = torch.zeros(64, 30, 3)
+    recon = torch.randn(64, 30, 3) * torch.tensor([0.5, 1.0, 2.0])
+    mask = (torch.rand(64, 30, 3) > 0.2).float()
+    recon[..., 0] = torch.where(mask[..., 0] > 0, recon[..., 0], 100.0)  # unobserved: ignored
+    mse = ((recon - target) ** 2 * mask).sum((0, 1)) / mask.sum((0, 1))
+    loss = ElboLoss(sigma="learned", n_channels=3, channel_axis=-1)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=0.05)
+    out = output(recon, torch.zeros(64, 2), torch.zeros(64, 2))
+    for _ in range(600):
+        optimizer.zero_grad()
+        loss(out, target, mask, beta=1.0).nll.backward()
+        optimizer.step()
+    torch.testing.assert_close(loss.log_sigma.detach().exp() ** 2, mse, rtol=1e-3, atol=1e-5)
+
+
+def test_a_learned_sigma_needs_the_nll_and_the_channels():
+    with pytest.raises(ConfigError, match="reduction=sum"):
+        ElboLoss(sigma="learned", reduction="mean", n_channels=3)
+    with pytest.raises(ConfigError, match="number of channels"):
+        ElboLoss(sigma="learned")
+    with pytest.raises(ConfigError, match="loss.sigma"):
+        ElboLoss(sigma=0.0)
+    with pytest.raises(ConfigError, match="loss.reduction"):
+        ElboLoss(reduction="max")
+
+
+def test_iwae_is_tighter_than_the_elbo_and_reaches_the_exact_log_likelihood():
+    sigma = 0.7
+    model, x, exact = linear_gaussian(sigma)
+    loss = ElboLoss(reduction="sum", sigma=sigma).double()
+    masks = torch.ones_like(x)
+    few = importance_weighted_log_px(model, loss, x, masks, n_importance=5, batch_size=4096)
+    many = importance_weighted_log_px(model, loss, x, masks, n_importance=5000, batch_size=4096)
+    elbo = -analytic_negative_elbo(model, x, sigma).mean().item()
+    # The ELBO is a strict lower bound here (q is not the true posterior); IWAE tightens with K.
+    assert elbo < exact.mean().item() - 0.05
+    assert many.elbo == pytest.approx(elbo, abs=0.05)  # the same bound, from K samples
+    assert few.elbo < few.iwae < many.iwae
+    assert many.iwae == pytest.approx(exact.mean().item(), abs=0.02)

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import mlflow
 import optuna
 import pytest
-from conftest import TINY_MLP
 from optuna.trial import TrialState
 
 from vaelab.sweep.storage import open_storage
@@ -32,40 +32,46 @@ hydra:
 """
 
 
-# latent_dim is left free: the search spaces sweep it
-TINY_MLP_UNFIXED_LATENT = [o for o in TINY_MLP if not o.startswith("model.latent_dim")]
-
-
-def sweep_command(tmp_path, study, *overrides, search="quick"):
-    root = tmp_path / "multirun"
+@pytest.fixture
+def sweeps(tmp_path, tiny) -> SimpleNamespace:
+    """`command(study, *overrides)` and `run(study, *overrides)`: a sweep of tiny MLP trials
+    (latent_dim left free: the search spaces sweep it) writing under tmp_path. The downstream
+    report and a long log p(x) estimate are off: tests/test_evaluate.py covers them, and these
+    tests are about the sweep machinery."""
+    tiny_mlp = [o for o in tiny.mlp_run if not o.startswith("model.latent_dim")]
     searchpath = tmp_path / "conf"
     (searchpath / "hparams_search").mkdir(parents=True, exist_ok=True)
     (searchpath / "hparams_search" / "grid.yaml").write_text(GRID_SEARCH)
-    return [
-        sys.executable,
-        "-m",
-        "vaelab.train",
-        "--multirun",
-        f"hparams_search={search}",
-        *TINY_MLP_UNFIXED_LATENT,
-        f"paths.output_root={root}",
-        f"hydra.sweeper.study_name={study}",  # its journal: <output_root>/optuna/<study>.journal
-        f"hydra.searchpath=[file://{searchpath}]",
-        *overrides,
-    ]
 
+    def command(study, *overrides, search="quick"):
+        return [
+            sys.executable,
+            "-m",
+            "vaelab.train",
+            "--multirun",
+            f"hparams_search={search}",
+            *tiny_mlp,
+            "evaluation.downstream=false",
+            "evaluation.iwae_samples=10",
+            f"paths.output_root={tmp_path / 'multirun'}",
+            f"hydra.sweeper.study_name={study}",  # journal: <output_root>/optuna/<study>.journal
+            f"hydra.searchpath=[file://{searchpath}]",
+            *overrides,
+        ]
 
-def run_sweep(tmp_path, study, *overrides, check=True, search="quick"):
-    result = subprocess.run(
-        sweep_command(tmp_path, study, *overrides, search=search),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    def run(study, *overrides, check=True, search="quick"):
+        result = subprocess.run(
+            command(study, *overrides, search=search),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if check:
+            assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return SimpleNamespace(command=command, run=run)
 
 
 def load(tmp_path, study):
@@ -82,13 +88,16 @@ def mlflow_runs(tmp_path):
     return client, parents, children
 
 
-def test_every_trial_is_recorded_and_the_infeasible_region_is_infeasible(tmp_path):
+def test_every_trial_is_recorded_and_the_infeasible_region_is_infeasible(sweeps, tmp_path):
     # A grid over the collapse threshold itself: with threshold 1e9 nats no trial can be
-    # feasible, with 0 every trial is; the best trial must come from the feasible half.
-    run_sweep(
-        tmp_path,
+    # feasible, with 0 every trial is; the best trial must come from the feasible half. The two
+    # information constraints are switched off here (their floors far below any value), so
+    # that the KL threshold alone decides; tests/test_sweep_constraints.py covers them.
+    sweeps.run(
         "grid",
         "sweep.kl_threshold=choice(0.0,1e9)",
+        "verdict.min_mi=-1e9",
+        "verdict.min_z_gain=-1e9",
         "sweep/pruner=none",
         "model.latent_dim=choice(2,4)",
         "hydra.sweeper.n_trials=4",
@@ -106,6 +115,7 @@ def test_every_trial_is_recorded_and_the_infeasible_region_is_infeasible(tmp_pat
     for t in trials:
         kl = t.user_attrs["val_kl"]
         assert t.constraints["kl"] == pytest.approx(t.params["sweep.kl_threshold"] - kl)
+        assert set(t.constraints) == {"kl", "mi", "decoder_uses_z"}
         assert t.user_attrs["feasible"] == (t.params["sweep.kl_threshold"] == 0.0)
         assert t.value == t.user_attrs["val_active_units"]
     assert study.best_trial.params["sweep.kl_threshold"] == 0.0
@@ -133,11 +143,10 @@ def test_every_trial_is_recorded_and_the_infeasible_region_is_infeasible(tmp_pat
     assert plots == {"plots/au_vs_params.png", "plots/feasibility.png", "plots/history.png"}
 
 
-def test_pruned_and_diverging_trials_are_recorded_and_the_sweep_completes(tmp_path):
+def test_pruned_and_diverging_trials_are_recorded_and_the_sweep_completes(sweeps, tmp_path):
     # A floor no trial can reach prunes the healthy trial after its first epoch; lr=1e35
     # makes the other trial's loss infinite at once.
-    result = run_sweep(
-        tmp_path,
+    result = sweeps.run(
         "prune",
         "trainer.lr=choice(0.001,1e35)",
         "hydra.sweeper.n_trials=2",
@@ -164,9 +173,8 @@ def test_pruned_and_diverging_trials_are_recorded_and_the_sweep_completes(tmp_pa
     assert failed.info.status == "FAILED" and "became" in failed.data.tags["error"]
 
 
-def test_too_many_failures_stop_the_sweep_with_a_message(tmp_path):
-    result = run_sweep(
-        tmp_path,
+def test_too_many_failures_stop_the_sweep_with_a_message(sweeps, tmp_path):
+    result = sweeps.run(
         "fail",
         "trainer.lr=choice(1e35,1e36,1e37)",
         "sweep/pruner=none",
@@ -179,9 +187,9 @@ def test_too_many_failures_stop_the_sweep_with_a_message(tmp_path):
     assert [t.state for t in load(tmp_path, "fail").get_trials()] == [TrialState.FAIL]
 
 
-def test_a_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
-    command = sweep_command(
-        tmp_path, "resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none"
+def test_a_killed_sweep_resumes_to_exactly_n_trials(sweeps, tmp_path):
+    command = sweeps.command(
+        "resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none"
     )
     sweep = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -202,9 +210,7 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
 
-    run_sweep(
-        tmp_path, "resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none"
-    )
+    sweeps.run("resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none")
     trials = load(tmp_path, "resume").get_trials()
     assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
     stale = [t for t in trials if t.state == TrialState.FAIL]
@@ -215,8 +221,8 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
 
 
-def test_two_sweep_processes_fill_one_study(tmp_path):
-    command = sweep_command(tmp_path, "shared", "hydra.sweeper.n_trials=4", "sweep/pruner=none")
+def test_two_sweep_processes_fill_one_study(sweeps, tmp_path):
+    command = sweeps.command("shared", "hydra.sweeper.n_trials=4", "sweep/pruner=none")
     sweeps = [
         subprocess.Popen(
             command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -229,7 +235,8 @@ def test_two_sweep_processes_fill_one_study(tmp_path):
     storage = open_storage(str(tmp_path / "multirun" / "optuna" / "shared.journal"))
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["shared"]
     trials = load(tmp_path, "shared").get_trials()
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    outcomes = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert all(t.state == TrialState.COMPLETE for t in trials), outcomes
     # n_trials counts the study: together they run 4, or 5 if both asked for the last one
     # at the same moment.
     assert 4 <= len(trials) <= 5
@@ -239,9 +246,8 @@ def test_two_sweep_processes_fill_one_study(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
 
-def test_parallel_trials_share_the_cores(tmp_path):
-    run_sweep(
-        tmp_path,
+def test_parallel_trials_share_the_cores(sweeps, tmp_path):
+    sweeps.run(
         "parallel",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
@@ -257,9 +263,8 @@ def test_parallel_trials_share_the_cores(tmp_path):
     assert [c.data.params["torch.num_threads"] for c in children] == [expected] * 2
 
 
-def test_pareto_sweep_returns_the_front(tmp_path):
-    run_sweep(
-        tmp_path,
+def test_pareto_sweep_returns_the_front(sweeps, tmp_path):
+    sweeps.run(
         "pareto",
         "sweep.objective=[val/active_units,val/recon]",
         "hydra.sweeper.direction=[maximize,minimize]",

@@ -27,6 +27,8 @@ EPOCH_METRICS = [
     "val/kl_constrained",
     "val/active_units",
     "val/mi",
+    "val/kl_marginal",
+    "val/nll",
     "val/mu_var_mean",
     "val/logvar_mean",
     "val/recon_z0",
@@ -59,10 +61,16 @@ def test_tiny_run_writes_a_readable_mlflow_run(compose_config, tiny, tmp_path):
     assert au == run.data.metrics["final/active_units"]
     # The verdict is what its own checks say: healthy exactly when every check passed.
     tags = run.data.tags
-    checks = {k: v for k, v in tags.items() if k.startswith("collapse/") and v in ("True", "False")}
+    checks = {k: v for k, v in tags.items() if k.startswith("collapse/check_")}
     assert checks, tags
     expected = "healthy" if all(v == "True" for v in checks.values()) else "collapsed"
     assert tags["collapse/verdict"] == expected
+    failed = [k.removeprefix("collapse/check_") for k, v in checks.items() if v == "False"]
+    assert tags["collapse/failed"] == (", ".join(failed) or "none")
+    # The held-out log-likelihood: the IWAE bound is at least the ELBO of the same samples.
+    metrics = run.data.metrics
+    assert metrics["final/elbo"] <= metrics["final/log_px_iwae"] < 0
+    assert metrics["final/kl"] == pytest.approx(metrics["final/mi"] + metrics["final/kl_marginal"])
     kl_per_dim = json.loads(tags["collapse/kl_per_dim"])
     assert len(kl_per_dim) == 4
     assert sum(kl_per_dim) == pytest.approx(run.data.metrics["final/kl"], rel=1e-3)
@@ -136,6 +144,7 @@ def test_a_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(
         [
             *tiny.mlp_run,
             "trainer.epochs=3",
+            "trainer.min_steps_per_epoch=2",
             "model._target_=test_train.NaNAfterFirstEpoch",
             "+model.healthy_steps=2",
         ]

@@ -59,6 +59,7 @@ class Checkpoints:
     def save(
         self,
         model: torch.nn.Module,
+        loss_fn: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         epoch: int,
         loss_final_weights: float,
@@ -67,6 +68,7 @@ class Checkpoints:
         """Write last.pt, and model.pt too when this epoch is the best so far."""
         state = {
             "model": model.state_dict(),
+            "loss": loss_fn.state_dict(),  # the decoder's σ (learned or fixed)
             "optimizer": optimizer.state_dict(),
             "epoch": int(epoch),
             "loss_final_weights": float(loss_final_weights),

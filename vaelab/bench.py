@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vaelab.config import build
 from vaelab.data.prepare import PreparedData, prepare
 from vaelab.loop import TrainerSettings, epoch_batches, train_step
+from vaelab.runtime import cpu_model
 from vaelab.train import train
 
 log = logging.getLogger("vaelab.bench")
@@ -75,16 +76,6 @@ class OtherLoad:
         busy, own, wall = self._busy_seconds()
         busy0, own0, wall0 = self._start
         return max(0.0, (busy - busy0) - (own - own0)) / max(wall - wall0, 1e-9)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, or 'unknown'."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 @contextmanager

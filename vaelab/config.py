@@ -85,10 +85,27 @@ def objective_names(objective: str | list[str] | ListConfig) -> list[str]:
 
 # The groups of conf/train.yaml that hold one object each, built with `build`. A run checks
 # them before it trains; a sweep checks them once before its first trial.
-BUILT_GROUPS = ("model", "loss", "schedule", "dataset", "trainer", "tracking", "sweep.pruner")
+BUILT_GROUPS = (
+    "model",
+    "loss",
+    "schedule",
+    "dataset",
+    "trainer",
+    "tracking",
+    "verdict",
+    "sweep.pruner",
+)
 # Of those, the ones cheap enough to build as a check (the model needs the data's shape, and
-# building the data set is the expensive part of a run).
-CHECK_BUILDS = ("loss", "schedule", "trainer", "tracking", "sweep.pruner")
+# building the data set is the expensive part of a run), with stand-ins for what only the
+# data can tell: a loss with a learned σ per channel is checked with one channel.
+CHECK_BUILDS: dict[str, dict[str, object]] = {
+    "loss": {"n_channels": 1},
+    "schedule": {},
+    "trainer": {},
+    "tracking": {},
+    "verdict": {},
+    "sweep.pruner": {},
+}
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -108,10 +125,10 @@ def check_run_config(cfg: DictConfig) -> None:
             f"{key}={node!r} replaces the config group {group} with a value: to choose the "
             f"option, write {group}={node} (with a slash)"
         )
-    for key in CHECK_BUILDS:
+    for key, stand_ins in CHECK_BUILDS.items():
         node = OmegaConf.select(cfg, key)
         if node:
-            build(node)
+            build(node, **stand_ins)
     objective_names(cfg.sweep.objective)
 
 

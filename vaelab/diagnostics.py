@@ -1,9 +1,16 @@
 """Collapse diagnostics on a data split (seed 004 section 2, seed 000 success criteria).
 
 A collapsed VAE shows itself in several ways at once: raw KL near zero, few active units,
-near-constant posterior means, and a decoder that reconstructs as well from z = 0 as from
-the code. `diagnose` measures all of them in one pass over a split. A quantising model
+near-constant posterior means, little mutual information between x and z, and a decoder
+that reconstructs as well from z = 0 as from the code. `diagnose` measures all of them in one
+pass over a split, and `Diagnostics.verdict` calls a run healthy only when every one of them
+says so (`CollapseCriteria`): no diagnostic can contradict the verdict. A quantising model
 (VQ-VAE) cannot collapse its posterior; for it, active units are replaced by codebook usage.
+
+The raw KL alone cannot tell: averaged over the data it is I(x; z) + KL(q(z) || p(z))
+(Hoffman & Johnson 2016, "ELBO surgery"), and the second part is positive whenever the
+aggregate posterior sits off the prior, even when z tells no sample from another. Both parts
+are logged (`mi`, `kl_marginal`), and a sweep's constraints ask for information, not KL only.
 """
 
 import math
@@ -11,13 +18,65 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vaelab.losses import ElboLoss, code_perplexity, gaussian_kl_per_dim
+from vaelab.losses import LOG_2PI, ReconstructionLoss, code_perplexity, gaussian_kl_per_dim
+from vaelab.models.base import GaussianVAE
 
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016 (IWAE paper), section 5.2
-# Seed 000 "Success Criteria": thresholds a healthy latent space must clear.
-HEALTHY_KL_NATS = 0.01
-HEALTHY_MU_STD = 0.1
-HEALTHY_LOGVAR_MEAN = -5.0
+# Burda et al. 2016 (IWAE paper), section 5.2: a unit is active when Var_x(mu) ≥ 0.01, i.e.
+# when its mean's spread across samples has std ≥ 0.1 — seed 000's "mu.std() > 0.1" as it
+# was meant (per dimension, across samples), not over all entries of the (N, D) matrix, which
+# a constant but non-zero mean vector passes.
+ACTIVE_UNIT_THRESHOLD = 0.01
+MI_SAMPLES = 8  # z samples per posterior in the MI estimate: its noise shrinks as 1/sqrt(8)
+
+
+@dataclass(frozen=True)
+class CollapseCriteria:
+    """What a healthy latent space shows at the best epoch (`verdict:` in conf/train.yaml).
+
+    Every field is one check of `Diagnostics.verdict`; a run failing any is collapsed, and the
+    verdict names the checks it failed. The seed 000 "Success Criteria" are min_kl,
+    min_active_units (its std(mu) > 0.1 per dimension) and min_logvar_mean; seed 004's
+    z = 0 ablation is min_z_gain; min_mi asks the KL to carry information.
+    """
+
+    min_kl: float = 0.01  # raw KL, nats per sample (seed 000: KL > 0.01 at convergence)
+    min_active_units: int = 1  # dimensions with Var(mu) ≥ 0.01 = std(mu) ≥ 0.1 (seed 000)
+    min_logvar_mean: float = -5.0  # mean posterior log-variance (seed 000: logvar.mean() > -5)
+    # I(x; z) in nats (He et al. 2019 estimate, at most log N): the collapsed runs of issue 10
+    # had 0.03-0.05, healthy ones 1 and more.
+    min_mi: float = 0.1
+    # The decoder must reconstruct from the code at least this share better than from z = 0
+    # (seed 004: recon_z0 ≈ recon means the decoder ignores z): recon ≤ (1 - 0.02) recon_z0.
+    min_z_gain: float = 0.02
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One Optuna constraint of a sweep's trial: feasible when `value` ≤ 0 (Optuna's rule)."""
+
+    name: str
+    value: float
+    meaning: str  # what must hold, with its threshold, for people reading why a trial failed
+
+
+def sweep_constraints(
+    final_metrics: dict[str, float], kl_threshold: float, criteria: CollapseCriteria
+) -> list[Constraint]:
+    """A trial's constraints from its final/* metrics: KL above the collapse threshold (the
+    users' words, sweep.kl_threshold), and that KL carrying information: MI above
+    criteria.min_mi, and a decoder that uses z. A trial is feasible only when all hold."""
+    kl, mi = final_metrics["final/kl"], final_metrics["final/mi"]
+    recon, recon_z0 = final_metrics["final/recon"], final_metrics["final/recon_z0"]
+    keep = 1.0 - criteria.min_z_gain
+    return [
+        Constraint("kl", kl_threshold - kl, f"raw KL ≥ {kl_threshold:g} nats"),
+        Constraint("mi", criteria.min_mi - mi, f"I(x; z) ≥ {criteria.min_mi:g} nats"),
+        Constraint(
+            "decoder_uses_z",
+            recon - keep * recon_z0,
+            f"recon ≤ {keep:g} × recon at z = 0 (the decoder uses z)",
+        ),
+    ]
 
 
 def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
@@ -31,30 +90,33 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> 
     return int((mu.var(dim=0, unbiased=False) >= threshold).sum())
 
 
-def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0) -> float:
+def mutual_information(
+    mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0, n_samples: int = MI_SAMPLES
+) -> float:
     """He et al. 2019 (Lagging inference networks, eq. 4) estimate of I(x; z) in nats.
 
     I = E_x[ E_q(z|x) log q(z|x) - log q(z) ], with the aggregate posterior q(z)
-    approximated by the mixture of the N posteriors in the split, one z sample per x. It is
-    bounded by log N, reached when the posteriors do not overlap. He et al. take the first
-    term in closed form (minus the entropy); here both terms are evaluated at the same sample,
-    which has the same expectation but lets their noise cancel: a collapsed posterior scores
-    exactly 0 rather than 0 plus sampling noise. With few samples the estimate can dip a
-    little below 0 (another posterior may be denser at a sample than its own). The sample
-    comes from a generator of its own, so evaluating never moves the training random stream.
+    approximated by the mixture of the N posteriors in the split, `n_samples` z samples per
+    x. It is bounded by log N, reached when the posteriors do not overlap. He et al. take the
+    first term in closed form (minus the entropy); here both terms are evaluated at the same
+    sample, which has the same expectation but lets their noise cancel: a collapsed posterior
+    scores exactly 0 rather than 0 plus sampling noise. With few samples the estimate can dip a
+    little below 0 (another posterior may be denser at a sample than its own). The samples
+    come from a generator of their own, so evaluating never moves the training random stream.
     """
     n, dim = mu.shape
     if n < 2:
         return 0.0
     mu, logvar = mu.double(), logvar.double()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
-    z = mu + eps * torch.exp(0.5 * logvar)
+    eps = torch.randn((n_samples, *mu.shape), generator=generator, dtype=mu.dtype)
+    eps = eps.to(mu.device).reshape(n_samples * n, dim)  # sample s of x_i at row s * n + i
+    z = mu.repeat(n_samples, 1) + eps * torch.exp(0.5 * logvar).repeat(n_samples, 1)
     log_normaliser = -0.5 * (dim * math.log(2 * math.pi) + logvar.sum(dim=-1))  # (N,)
-    log_q_z_given_x = log_normaliser - 0.5 * eps.pow(2).sum(dim=-1)
+    log_q_z_given_x = log_normaliser.repeat(n_samples) - 0.5 * eps.pow(2).sum(dim=-1)
     inverse_var = torch.exp(-logvar)
     log_q_z = []
-    for start in range(0, n, 256):  # chunk the N x N x D density so memory stays bounded
+    for start in range(0, len(z), 256):  # chunk the (S N) x N x D density: bounded memory
         dev = z[start : start + 256, None, :] - mu[None, :, :]
         log_density = log_normaliser[None] - 0.5 * (dev.pow(2) * inverse_var[None]).sum(dim=-1)
         log_q_z.append(torch.logsumexp(log_density, dim=1) - math.log(n))
@@ -70,38 +132,85 @@ def codebook_usage(codes: torch.Tensor) -> int:
     return int(torch.unique(codes).numel())
 
 
-def collapse_verdict(kl_raw: float, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, object]:
-    """Seed 000's three checks: KL > 0.01 nats, std of mu > 0.1, mean logvar > -5."""
-    mu_std = float(mu.std()) if mu.numel() > 1 else 0.0
-    logvar_mean = float(logvar.mean())
-    checks = {
-        "kl_above_0.01": kl_raw > HEALTHY_KL_NATS,
-        "mu_std_above_0.1": mu_std > HEALTHY_MU_STD,
-        "logvar_mean_above_-5": logvar_mean > HEALTHY_LOGVAR_MEAN,
-    }
+def _verdict(checks: dict[str, tuple[bool, str]], figures: dict[str, object]) -> dict:
+    """The verdict of named checks, each (passed, what it asked and found): `failed` lists
+    the names of those that did not pass, `why` says what each found."""
+    failed = [name for name, (passed, _) in checks.items() if not passed]
     return {
-        "verdict": "healthy" if all(checks.values()) else "collapsed",
-        "kl_raw": kl_raw,
-        "mu_std": mu_std,
-        "logvar_mean": logvar_mean,
-        **checks,
+        "verdict": "collapsed" if failed else "healthy",
+        "failed": ", ".join(failed) or "none",
+        "why": "; ".join(checks[name][1] for name in failed) or "every check passed",
+        **figures,
+        **{f"check_{name}": passed for name, (passed, _) in checks.items()},
     }
 
 
-def codebook_verdict(codes: torch.Tensor, recon: float, recon_z0: float) -> dict[str, object]:
+def collapse_verdict(
+    kl_raw: float,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    mi: float,
+    recon: float,
+    recon_z0: float,
+    criteria: CollapseCriteria,
+) -> dict[str, object]:
+    """Healthy only when every check of `criteria` passes; `failed` names those that did not.
+
+    Seed 000's checks as it meant them (KL, the spread of each latent across samples, mean
+    log-variance), seed 004's z = 0 ablation, and the mutual information I(x; z).
+    """
+    c = criteria
+    n_active = active_units(mu)
+    spread = mu.std(dim=0, unbiased=False) if len(mu) > 1 else torch.zeros(mu.shape[1])
+    logvar_mean = float(logvar.mean())
+    z_gain = 1.0 - recon / recon_z0 if recon_z0 > 0 else 0.0
+    checks = {
+        "kl": (kl_raw > c.min_kl, f"raw KL {kl_raw:.3g} nats, not above {c.min_kl:g}"),
+        "active_units": (
+            n_active >= c.min_active_units,
+            f"{n_active} dimensions whose mean varies across samples (std ≥ 0.1), "
+            f"fewer than {c.min_active_units}",
+        ),
+        "logvar_mean": (
+            logvar_mean > c.min_logvar_mean,
+            f"mean log-variance {logvar_mean:.3g}, not above {c.min_logvar_mean:g}",
+        ),
+        "mi": (mi >= c.min_mi, f"I(x; z) {mi:.3g} nats, below {c.min_mi:g}"),
+        "decoder_uses_z": (
+            z_gain >= c.min_z_gain,
+            f"recon only {100 * z_gain:.1f} % below recon at z = 0, less than "
+            f"{100 * c.min_z_gain:g} %",
+        ),
+    }
+    figures = {
+        "kl_raw": kl_raw,
+        "active_units": n_active,
+        "mu_std_max": float(spread.max()) if spread.numel() else 0.0,
+        "logvar_mean": logvar_mean,
+        "mi": mi,
+        "z_gain": z_gain,
+    }
+    return _verdict(checks, figures)
+
+
+def codebook_verdict(
+    codes: torch.Tensor, recon: float, recon_z0: float, criteria: CollapseCriteria
+) -> dict[str, object]:
     """A VQ-VAE cannot collapse its KL (seed 000's reason to fall back to it), but it can use
     one code for everything or have a decoder that ignores the code: it is healthy when it
-    uses at least two codes and reconstructs clearly better than from z = 0."""
+    uses at least two codes and reconstructs from them at least `min_z_gain` better than from
+    z = 0."""
     usage = codebook_usage(codes)
+    z_gain = 1.0 - recon / recon_z0 if recon_z0 > 0 else 0.0
     checks = {
-        "codes_used_at_least_2": usage >= 2,
-        "recon_below_0.95_recon_z0": recon < 0.95 * recon_z0,
+        "codes_used": (usage >= 2, f"{usage} codebook entry used, fewer than 2"),
+        "decoder_uses_z": (
+            z_gain >= criteria.min_z_gain,
+            f"recon only {100 * z_gain:.1f} % below recon at z = 0, less than "
+            f"{100 * criteria.min_z_gain:g} %",
+        ),
     }
-    return {
-        "verdict": "healthy" if all(checks.values()) else "collapsed",
-        "codebook_usage": usage,
-        **checks,
-    }
+    return _verdict(checks, {"codebook_usage": usage, "z_gain": z_gain})
 
 
 @dataclass
@@ -113,6 +222,7 @@ class Diagnostics:
     # the losses of different epochs comparable, whatever schedule β, C(t) or λ(t) follow
     loss_final_weights: float | None
     recon: float
+    nll: float  # -log p(x | z = mu), nats per sample, under the loss's Gaussian decoder
     kl_raw: float
     kl_constrained: float
     recon_z0: float
@@ -126,17 +236,28 @@ class Diagnostics:
     # codebook indices (N, n_latents) of a quantising model (VAEOutput.extras["codes"]); None
     # for Gaussian models
     codes: torch.Tensor | None = None
+    _mi: float | None = field(default=None, repr=False)
 
     @property
     def kl_per_dim(self) -> torch.Tensor:
         """Mean KL of each latent dimension over the split, nats."""
         return gaussian_kl_per_dim(self.mu, self.logvar).mean(dim=0)
 
-    def verdict(self) -> dict[str, object]:
-        """Healthy or collapsed: seed 000's checks, or codebook use for a quantising model."""
+    @property
+    def mi(self) -> float:
+        """I(x; z) over the split, nats (cached: the estimate costs N² density terms)."""
+        if self._mi is None:
+            self._mi = mutual_information(self.mu, self.logvar)
+        return self._mi
+
+    def verdict(self, criteria: CollapseCriteria) -> dict[str, object]:
+        """Healthy or collapsed by every check of `criteria`, or by codebook use for a
+        quantising model; `failed` names the checks that did not pass."""
         if self.codes is None:
-            return collapse_verdict(self.kl_raw, self.mu, self.logvar)
-        return codebook_verdict(self.codes, self.recon, self.recon_z0)
+            return collapse_verdict(
+                self.kl_raw, self.mu, self.logvar, self.mi, self.recon, self.recon_z0, criteria
+            )
+        return codebook_verdict(self.codes, self.recon, self.recon_z0, criteria)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """The per-epoch MLflow metrics under `prefix/` (seed 004 diagnostic names)."""
@@ -148,12 +269,15 @@ class Diagnostics:
                 else {f"{prefix}/loss_final_weights": self.loss_final_weights}
             ),
             f"{prefix}/recon": self.recon,
+            f"{prefix}/nll": self.nll,
             f"{prefix}/kl": self.kl_raw,
             f"{prefix}/kl_constrained": self.kl_constrained,
             f"{prefix}/active_units": float(active_units(self.mu)),
             # AU / latent dim: plain AU rewards a large latent dimension in a sweep
             f"{prefix}/au_fraction": active_units(self.mu) / self.mu.shape[1],
-            f"{prefix}/mi": mutual_information(self.mu, self.logvar),
+            f"{prefix}/mi": self.mi,
+            # ELBO surgery (Hoffman & Johnson 2016): KL = I(x; z) + KL(q(z) || p(z))
+            f"{prefix}/kl_marginal": self.kl_raw - self.mi,
             f"{prefix}/mu_var_mean": float(self.mu.var(dim=0, unbiased=False).mean()),
             f"{prefix}/logvar_mean": float(self.logvar.mean()),
             f"{prefix}/recon_z0": self.recon_z0,
@@ -174,7 +298,7 @@ def diagnose(
     model: torch.nn.Module,
     values: torch.Tensor,
     masks: torch.Tensor,
-    loss_fn: ElboLoss,
+    loss_fn: ReconstructionLoss,
     beta: float,
     batch_size: int,
     device: torch.device,
@@ -207,6 +331,7 @@ def diagnose(
         terms = loss_fn(out, x, m, beta, epoch)
         batch_terms = {
             "loss": terms.total,
+            "nll": terms.nll,
             "kl_raw": terms.kl_raw,
             "kl_constrained": terms.kl_constrained,
             **terms.extras,
@@ -235,6 +360,7 @@ def diagnose(
         loss=mean.pop("loss"),
         loss_final_weights=mean.pop("loss_final_weights", None),
         recon=mse.pop("recon"),
+        nll=mean.pop("nll"),
         kl_raw=mean.pop("kl_raw"),
         kl_constrained=mean.pop("kl_constrained"),
         recon_z0=mse.pop("z0"),
@@ -244,4 +370,58 @@ def diagnose(
         group_recon={k[6:]: v for k, v in mse.items() if k.startswith("group/")},
         extras=mean,
         codes=torch.cat(codes) if codes else None,
+    )
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """Held-out estimates of log p(x), nats per sample (Burda et al. 2016)."""
+
+    iwae: float  # log (1/K) Σ_k w_k: a lower bound that tightens to log p(x) as K grows
+    elbo: float  # (1/K) Σ_k log w_k: the ELBO, estimated on the same samples (≤ iwae)
+    n_importance: int  # K, samples of z per x
+
+
+@torch.no_grad()
+def importance_weighted_log_px(
+    model: GaussianVAE,
+    loss_fn: ReconstructionLoss,
+    values: torch.Tensor,
+    masks: torch.Tensor,
+    n_importance: int,
+    batch_size: int,
+    seed: int = 0,
+) -> LogLikelihood:
+    """The importance-weighted estimate of log p(x) (Burda et al. 2016, eq. 8), in eval mode.
+
+    For each x, K samples z_k ~ q(z|x) weigh w_k = p(x|z_k) p(z_k) / q(z_k|x) with the loss's
+    Gaussian decoder (σ fixed or learned; observed entries only) and the N(0, I) prior:
+    log p(x) ≥ log (1/K) Σ w_k ≥ (1/K) Σ log w_k = the ELBO; the first tightens to log p(x) as
+    K grows. This is the figure VAE papers compare models on. The samples come from a
+    generator of their own, so evaluating never moves the training random stream; decoding
+    goes `batch_size` codes at a time, whatever K is.
+    """
+    model.eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    iwae_sum, elbo_sum = 0.0, 0.0
+    per_chunk = max(1, batch_size // n_importance)  # samples x whose K codes are decoded together
+    for start in range(0, len(values), per_chunk):
+        x, m = values[start : start + per_chunk], masks[start : start + per_chunk]
+        mu, logvar = model.encode(x)
+        eps = torch.randn((n_importance, *mu.shape), generator=generator).to(mu.device)
+        z = mu + eps * torch.exp(0.5 * logvar)  # (K, b, D)
+        log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=-1)
+        log_posterior = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(dim=-1)
+        flat_z = z.reshape(-1, z.shape[-1])  # row k * b + i: sample k of x_i
+        log_lik = []
+        for first in range(0, len(flat_z), batch_size):
+            codes = flat_z[first : first + batch_size]
+            index = torch.arange(first, first + len(codes), device=codes.device) % len(x)
+            recon, _ = model.decode(codes)
+            log_lik.append(loss_fn.log_likelihood(recon, x[index], m[index]))
+        log_w = torch.cat(log_lik).view(n_importance, len(x)) + log_prior - log_posterior
+        iwae_sum += float((torch.logsumexp(log_w, dim=0) - math.log(n_importance)).sum())
+        elbo_sum += float(log_w.mean(dim=0).sum())
+    return LogLikelihood(
+        len(values) and iwae_sum / len(values), elbo_sum / len(values), n_importance
     )

@@ -37,12 +37,38 @@ class TrainerSettings:
     grad_clip: float | None = 5.0  # max global gradient norm (seed 004 recommends 5.0); None: off
     device: str = "auto"  # "auto" picks CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+    # Optimiser steps an epoch takes at least: a training split smaller than this many batches
+    # trains on smaller batches (never below 2), so that β, free bits and the learning rate
+    # act over real steps, not one step an epoch.
+    min_steps_per_epoch: int = 4
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"trainer.epochs must be ≥ 1, got {self.epochs}")
         if self.batch_size < 2:
             raise ConfigError(f"trainer.batch_size must be ≥ 2 (BatchNorm), got {self.batch_size}")
+        if self.min_steps_per_epoch < 1:
+            raise ConfigError(
+                f"trainer.min_steps_per_epoch must be ≥ 1, got {self.min_steps_per_epoch}"
+            )
+
+    def batch_size_for(self, n_train: int) -> int:
+        """The batch size this training split trains with: trainer.batch_size, or less, so that
+        an epoch takes at least min_steps_per_epoch steps (a warning says so, with figures)."""
+        capped = max(2, min(self.batch_size, n_train // self.min_steps_per_epoch))
+        if capped < self.batch_size:
+            log.warning(
+                "The training split holds %d samples: at trainer.batch_size=%d an epoch would be "
+                "%d optimiser step(s). Training with batches of %d instead, %d steps an epoch "
+                "(trainer.min_steps_per_epoch=%d).",
+                n_train,
+                self.batch_size,
+                max(n_train // self.batch_size, 1),
+                capped,
+                max(n_train // capped, 1),
+                self.min_steps_per_epoch,
+            )
+        return capped
 
 
 def epoch_batches(train_index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -59,6 +85,11 @@ def epoch_batches(train_index: torch.Tensor, batch_size: int) -> list[torch.Tens
 def progress_bar(batches: Iterable[torch.Tensor], epoch: int) -> Iterator[torch.Tensor]:
     """The epoch's batches, behind a progress bar when stderr is a terminal."""
     return iter(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty()))
+
+
+def trainable_parameters(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list:
+    """What the optimiser updates: the model's parameters and the loss's own (a learned σ)."""
+    return [*model.parameters(), *loss_fn.parameters()]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,22 +1,36 @@
 """The ELBO and its anti-collapse variants, each returned as named terms.
 
-Every loss is a plain callable built from config (`conf/loss/*.yaml`): `elbo`, `capacity`
+Every loss is a torch module built from config (`conf/loss/*.yaml`): `elbo`, `capacity`
 (Burgess et al. 2018), `dip_vae` (Kumar et al. 2018) and `vq` (van den Oord et al. 2017).
 They share one reconstruction part (`ReconstructionLoss`) and, for Gaussian posteriors, one
 KL part with free bits (`GaussianLoss`). None holds schedule state: β and the fractional
-epoch are arguments, so a validation pass can never move a schedule (STYLE.md habit 6).
+epoch are arguments, so a validation pass can never move a schedule (STYLE.md habit 6). The
+only parameters a loss may own are the learned decoder scales of `sigma: learned`.
+
+A β with one meaning. With `reduction: sum` (the default) the reconstruction term is the
+Gaussian negative log-likelihood -log p(x | z) in nats per sample, summed over the observed
+entries, and the KL is summed over latent dimensions: β = 1 is the ELBO whatever the shape of
+the input. `sigma` is the decoder's standard deviation: fixed (1 on standardised data), or
+`learned`, one per channel: the calibrated decoder of Rybkin et al. 2021 (σ-VAE), whose
+optimum σ² is the channel's mean squared error, so that β needs no balancing by hand.
+`reduction: mean` (the masked MSE averaged over entries) is kept so that the seeds'
+experiments reproduce their seeds' β.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 
 from vaelab.errors import ConfigError
 from vaelab.models.base import VAEOutput
 
 FreeBitsMode = Literal["per_dim", "batch_mean", "per_sample"]
 FREE_BITS_MODES = ("per_dim", "batch_mean", "per_sample")
+REDUCTIONS = ("sum", "mean")
+LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -24,7 +38,9 @@ class LossTerms:
     """Named terms of one loss evaluation (pythae habit: every term logged and tested by name).
 
     total:          what the optimiser minimises.
-    recon:          masked MSE of the final reconstruction (mean over observed entries).
+    recon:          masked MSE of the final reconstruction (mean over observed entries), to read.
+    nll:            -log p(x | z) of the final reconstruction, nats per sample, summed over the
+                    observed entries under the loss's Gaussian decoder (σ fixed or learned).
     kl_raw:         KL(q(z|x) || N(0, I)) in nats per sample, summed over latent dimensions.
     kl_constrained: the KL term after the free-bits floor, in the same units; what β multiplies.
     branch_recon:   masked MSE of each decoder branch's own reconstruction (multi-scale models).
@@ -34,6 +50,7 @@ class LossTerms:
 
     total: torch.Tensor
     recon: torch.Tensor
+    nll: torch.Tensor
     kl_raw: torch.Tensor
     kl_constrained: torch.Tensor
     branch_recon: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -90,39 +107,96 @@ class Reconstruction:
     """The reconstruction part every loss shares.
 
     recon:        masked MSE of the final reconstruction (what `LossTerms.recon` reports).
-    objective:    what the loss minimises for reconstruction: `recon`, or its blend with the
-                  per-branch terms when the model has branches and branch_weight > 0.
+    nll:          -log p(x | z) of the final reconstruction, nats per sample.
+    objective:    what the loss minimises for reconstruction: the NLL (reduction sum) or the
+                  MSE (reduction mean) of the final reconstruction, or its blend with the same
+                  term of each branch when the model has branches and branch_weight > 0.
     branch_recon: masked MSE of each decoder branch's own reconstruction.
     """
 
     recon: torch.Tensor
+    nll: torch.Tensor
     objective: torch.Tensor
     branch_recon: dict[str, torch.Tensor]
 
 
-class ReconstructionLoss:
-    """Base of every vaelab loss: the masked reconstruction terms and the branch weighting."""
+class ReconstructionLoss(nn.Module):
+    """Base of every vaelab loss: the Gaussian decoder's likelihood, the masked reconstruction
+    terms and the branch weighting.
 
-    def __init__(self, branch_weight: float = 0.0) -> None:
+    `n_channels` and `channel_axis` (where a batch (N, ...) holds its channels: -1, or 1 for
+    volumes) come from the data at run time; a learned σ needs them, one σ per channel.
+    """
+
+    def __init__(
+        self,
+        branch_weight: float = 0.0,
+        reduction: Literal["sum", "mean"] = "sum",
+        sigma: float | Literal["learned"] = 1.0,
+        n_channels: int | None = None,
+        channel_axis: int = -1,
+    ) -> None:
+        super().__init__()
         if not 0.0 <= branch_weight <= 1.0:
             raise ConfigError(f"loss.branch_weight must lie in [0, 1], got {branch_weight}")
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"loss.reduction must be sum or mean, got {reduction!r}")
         self.branch_weight = branch_weight
+        self.reduction = reduction
+        self.channel_axis = channel_axis
+        if sigma == "learned":
+            if reduction == "mean":
+                raise ConfigError(
+                    "loss.sigma=learned needs loss.reduction=sum: a mean squared error has no σ"
+                )
+            if n_channels is None:
+                raise ConfigError("loss.sigma=learned needs the data's number of channels")
+            # log σ per channel, from σ = 1 (standardised data); Rybkin et al. 2021, section 3.
+            self.log_sigma = nn.Parameter(torch.zeros(int(n_channels)))
+        else:
+            if isinstance(sigma, str) or not float(sigma) > 0:
+                raise ConfigError(f"loss.sigma must be a number > 0 or 'learned', got {sigma!r}")
+            self.register_buffer("log_sigma", torch.tensor(math.log(float(sigma))))
+
+    def _log_sigma_like(self, target: torch.Tensor) -> torch.Tensor:
+        """log σ broadcast against a batch: a scalar, or one value per channel on its axis."""
+        if self.log_sigma.dim() == 0:
+            return self.log_sigma
+        shape = [1] * target.dim()
+        shape[self.channel_axis] = len(self.log_sigma)
+        return self.log_sigma.view(shape)
+
+    def log_likelihood(
+        self, recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """log N(target; recon, σ²) summed over each sample's observed entries: (B,) nats."""
+        log_sigma = self._log_sigma_like(target)
+        z = (target - recon) * torch.exp(-log_sigma)
+        log_density = -0.5 * z.pow(2) - log_sigma - 0.5 * LOG_2PI
+        return (log_density * mask).flatten(1).sum(dim=1)
 
     def reconstruction(
         self, output: VAEOutput, target: torch.Tensor, mask: torch.Tensor
     ) -> Reconstruction:
-        """Masked MSE of the reconstruction and of every branch, and their weighted blend."""
+        """MSE and NLL of the reconstruction, each branch's, and the term the loss minimises."""
         recon = masked_mse(output.recon, target, mask)
+        nll = -self.log_likelihood(output.recon, target, mask).mean()
         branch_recon = {
             name: masked_mse(branch, target, mask) for name, branch in output.branches.items()
         }
+        if self.reduction == "sum":
+            objective = nll
+            branch_terms = [
+                -self.log_likelihood(b, target, mask).mean() for b in output.branches.values()
+            ]
+        else:
+            objective, branch_terms = recon, list(branch_recon.values())
         # Seed 000: per-branch reconstruction terms force every temporal scale to carry
         # information. The final reconstruction keeps weight 1 - branch_weight.
-        objective = recon
-        if branch_recon and self.branch_weight > 0:
-            branch_mean = torch.stack(list(branch_recon.values())).mean()
-            objective = (1 - self.branch_weight) * recon + self.branch_weight * branch_mean
-        return Reconstruction(recon=recon, objective=objective, branch_recon=branch_recon)
+        if branch_terms and self.branch_weight > 0:
+            branch_mean = torch.stack(branch_terms).mean()
+            objective = (1 - self.branch_weight) * objective + self.branch_weight * branch_mean
+        return Reconstruction(recon=recon, nll=nll, objective=objective, branch_recon=branch_recon)
 
 
 class GaussianLoss(ReconstructionLoss):
@@ -134,8 +208,12 @@ class GaussianLoss(ReconstructionLoss):
         free_bits_mode: FreeBitsMode = "per_dim",
         branch_weight: float = 0.0,
         kl_reduction: Literal["sum", "mean"] = "sum",
+        reduction: Literal["sum", "mean"] = "sum",
+        sigma: float | Literal["learned"] = 1.0,
+        n_channels: int | None = None,
+        channel_axis: int = -1,
     ) -> None:
-        super().__init__(branch_weight)
+        super().__init__(branch_weight, reduction, sigma, n_channels, channel_axis)
         if kl_reduction not in ("sum", "mean"):
             raise ConfigError(f"loss.kl_reduction must be sum or mean, got {kl_reduction!r}")
         if free_bits < 0:
@@ -167,7 +245,7 @@ class ElboLoss(GaussianLoss):
     Its settings are GaussianLoss's: free_bits, free_bits_mode, branch_weight.
     """
 
-    def __call__(
+    def forward(
         self,
         output: VAEOutput,
         target: torch.Tensor,
@@ -185,6 +263,7 @@ class ElboLoss(GaussianLoss):
         return LossTerms(
             total=rec.objective + beta * self.kl_term(kl_constrained, output.mu.shape[1]),
             recon=rec.recon,
+            nll=rec.nll,
             kl_raw=kl_raw,
             kl_constrained=kl_constrained,
             branch_recon=rec.branch_recon,
@@ -221,8 +300,21 @@ class CapacityLoss(GaussianLoss):
         free_bits: float = 0.0,
         free_bits_mode: FreeBitsMode = "per_dim",
         branch_weight: float = 0.0,
+        reduction: Literal["sum", "mean"] = "mean",
+        sigma: float | Literal["learned"] = 1.0,
+        n_channels: int | None = None,
+        channel_axis: int = -1,
     ) -> None:
-        super().__init__(free_bits, free_bits_mode, branch_weight)
+        super().__init__(
+            free_bits,
+            free_bits_mode,
+            branch_weight,
+            "sum",
+            reduction,
+            sigma,
+            n_channels,
+            channel_axis,
+        )
         if gamma < 0:
             raise ConfigError(f"loss.gamma must be ≥ 0, got {gamma}")
         if capacity_max < 0:
@@ -237,7 +329,7 @@ class CapacityLoss(GaussianLoss):
         """C(t) in nats per sample: 0 at epoch 0, capacity_max from capacity_epochs on."""
         return self.capacity_max * linear_ramp(epoch, 0.0, self.capacity_epochs)
 
-    def __call__(
+    def forward(
         self,
         output: VAEOutput,
         target: torch.Tensor,
@@ -253,6 +345,7 @@ class CapacityLoss(GaussianLoss):
         return LossTerms(
             total=rec.objective + self.gamma * gap,
             recon=rec.recon,
+            nll=rec.nll,
             kl_raw=kl_raw,
             kl_constrained=kl_constrained,
             branch_recon=rec.branch_recon,
@@ -300,8 +393,21 @@ class DipVaeLoss(ElboLoss):
         free_bits: float = 0.0,
         free_bits_mode: FreeBitsMode = "per_dim",
         branch_weight: float = 0.0,
+        reduction: Literal["sum", "mean"] = "mean",
+        sigma: float | Literal["learned"] = 1.0,
+        n_channels: int | None = None,
+        channel_axis: int = -1,
     ) -> None:
-        super().__init__(free_bits, free_bits_mode, branch_weight)
+        super().__init__(
+            free_bits,
+            free_bits_mode,
+            branch_weight,
+            "sum",
+            reduction,
+            sigma,
+            n_channels,
+            channel_axis,
+        )
         for key, value in {
             "lambda_od": lambda_od,
             "lambda_d": lambda_d,
@@ -320,7 +426,7 @@ class DipVaeLoss(ElboLoss):
         ramp = linear_ramp(epoch, self.lambda_start_epoch, self.lambda_annealing_epochs)
         return self.lambda_od * ramp, self.lambda_d * ramp
 
-    def __call__(
+    def forward(
         self,
         output: VAEOutput,
         target: torch.Tensor,
@@ -329,7 +435,7 @@ class DipVaeLoss(ElboLoss):
         epoch: float = 0.0,
     ) -> LossTerms:
         """The ELBO terms of ElboLoss, plus the covariance penalty at this epoch's λs."""
-        terms = super().__call__(output, target, mask, beta, epoch)
+        terms = super().forward(output, target, mask, beta, epoch)
         lambda_od, lambda_d = self.lambdas(epoch)
         off_diagonal, diagonal = dip_penalties(dip_covariance(output.mu, output.logvar))
         penalty = lambda_od * off_diagonal + lambda_d * diagonal
@@ -371,13 +477,21 @@ class VQLoss(ReconstructionLoss):
     is β-weighted, so `kl_constrained` is 0.
     """
 
-    def __init__(self, commitment_cost: float = 0.25, branch_weight: float = 0.0) -> None:
-        super().__init__(branch_weight)
+    def __init__(
+        self,
+        commitment_cost: float = 0.25,
+        branch_weight: float = 0.0,
+        reduction: Literal["sum", "mean"] = "mean",
+        sigma: float | Literal["learned"] = 1.0,
+        n_channels: int | None = None,
+        channel_axis: int = -1,
+    ) -> None:
+        super().__init__(branch_weight, reduction, sigma, n_channels, channel_axis)
         if commitment_cost < 0:
             raise ConfigError(f"loss.commitment_cost must be ≥ 0, got {commitment_cost}")
         self.commitment_cost = commitment_cost
 
-    def __call__(
+    def forward(
         self,
         output: VAEOutput,
         target: torch.Tensor,
@@ -398,6 +512,7 @@ class VQLoss(ReconstructionLoss):
         return LossTerms(
             total=rec.objective + codebook_loss + self.commitment_cost * commitment,
             recon=rec.recon,
+            nll=rec.nll,
             kl_raw=output.extras["kl"],
             kl_constrained=torch.zeros_like(rec.recon),
             branch_recon=rec.branch_recon,

@@ -16,8 +16,9 @@ from mlflow.entities import Metric
 from vaelab import plots
 from vaelab.artifacts import Checkpoints, encode_all, write_branch_components, write_latents
 from vaelab.data.prepare import PreparedData
-from vaelab.diagnostics import Diagnostics
+from vaelab.diagnostics import CollapseCriteria, importance_weighted_log_px
 from vaelab.loop import Validation
+from vaelab.models.base import GaussianVAE
 from vaelab.probes import probe_latents
 from vaelab.tracking import log_verdict
 
@@ -33,31 +34,38 @@ def record_final(
     validate: Validation,
     data: PreparedData,
     run_dir: Path,
+    criteria: CollapseCriteria,
+    iwae_samples: int,
     downstream: bool,
     normal_label: object,
     seed: int,
-) -> tuple[dict[str, float], Diagnostics]:
-    """Reload the best epoch; log its final/* metrics, the verdict and the run's artifacts.
-
-    Returns the final metrics and the best epoch's validation diagnostics.
-    """
+) -> tuple[dict[str, float], dict[str, object]]:
+    """Reload the best epoch; log its final/* metrics, the held-out log p(x), the verdict and
+    the run's artifacts. Returns the final metrics and the verdict."""
     device = validate.values.device
     best = torch.load(checkpoints.best, map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
+    validate.loss_fn.load_state_dict(best["loss"])
     val = validate(best_epoch + 1)
     final_metrics = {k.replace("val/", "final/", 1): v for k, v in val.metrics("val").items()}
     final_metrics["final/best_epoch"] = best_epoch
+    final_metrics |= held_out_log_px(model, validate, data, iwae_samples, seed)
     mlflow.log_metrics(final_metrics)
-    verdict = val.verdict()
+    verdict = val.verdict(criteria)
     log_verdict(verdict, val.kl_per_dim.tolist())
     log.info(
-        "Best epoch %d: AU %d of %d, KL %.3f nats, MI %.3f nats, verdict %s",
+        "Best epoch %d: AU %d of %d, KL %.3f nats (MI %.3f + marginal %.3f), recon %.4g "
+        "(z = 0: %.4g), verdict %s (failed: %s)",
         best_epoch,
         final_metrics["final/active_units"],
         model.latent_dim,
         val.kl_raw,
         final_metrics["final/mi"],
+        final_metrics["final/kl_marginal"],
+        val.recon,
+        val.recon_z0,
         verdict["verdict"],
+        verdict["failed"],
     )
 
     mu, logvar = encode_all(model, validate.values, validate.batch_size, device)
@@ -81,7 +89,41 @@ def record_final(
         mlflow.log_artifact(str(run_dir / "multiscale_components.h5"))
     mlflow.log_artifacts(str(checkpoints.directory), artifact_path="checkpoints")
     mlflow.log_artifact(str(run_dir / "config.yaml"))
-    return final_metrics, val
+    return final_metrics, verdict
+
+
+def held_out_log_px(
+    model: torch.nn.Module,
+    validate: Validation,
+    data: PreparedData,
+    iwae_samples: int,
+    seed: int,
+) -> dict[str, float]:
+    """final/log_px_iwae and final/elbo on the test split (the validation split when there is
+    no test split): nats per sample. Only for Gaussian posteriors; skipped with a reason."""
+    if iwae_samples < 1 or not isinstance(model, GaussianVAE):
+        why = "evaluation.iwae_samples is 0" if iwae_samples < 1 else "no Gaussian posterior"
+        log.info("log p(x) estimate skipped: %s", why)
+        return {}
+    split = "test" if len(data.indices("test")) else "val"
+    index = data.indices(split).to(validate.values.device)
+    estimate = importance_weighted_log_px(
+        model,
+        validate.loss_fn,
+        validate.values[index],
+        validate.masks[index],
+        iwae_samples,
+        validate.batch_size,
+        seed,
+    )
+    log.info(
+        "log p(x) on the %s split: %.3f nats per sample (IWAE, K = %d); ELBO %.3f",
+        split,
+        estimate.iwae,
+        iwae_samples,
+        estimate.elbo,
+    )
+    return {"final/log_px_iwae": estimate.iwae, "final/elbo": estimate.elbo}
 
 
 def report_run(

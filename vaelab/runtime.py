@@ -3,6 +3,7 @@
 import logging
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,3 +47,13 @@ def set_torch_threads(num_threads: int | None, n_parallel: int = 1) -> int:
     if num_threads:
         torch.set_num_threads(num_threads)
     return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or 'unknown': benchmark figures name their host."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"

@@ -28,6 +28,7 @@ from vaelab.config import (
     objective_names,
 )
 from vaelab.data.prepare import PreparedData, prepare
+from vaelab.diagnostics import sweep_constraints
 from vaelab.loop import (
     EarlyStopping,
     Validation,
@@ -38,6 +39,7 @@ from vaelab.loop import (
     progress_bar,
     set_lr,
     train_step,
+    trainable_parameters,
 )
 from vaelab.report import record_final
 from vaelab.runtime import resolve_device, seed_everything, set_torch_threads
@@ -78,10 +80,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
 
         # --- model, loss, β schedule, optimiser ---------------------------------------------
         log.info("Instantiating model <%s>", cfg.model._target_)
-        model = build(cfg.model, input_shape=data.sampleset.sample_shape).to(device)
-        loss_fn, beta_schedule = build(cfg.loss), build(cfg.schedule)
-        optimizer = settings.optimizer(model.parameters())
-        log_model(model, data, device, threads)
+        samples = data.sampleset
+        model = build(cfg.model, input_shape=samples.sample_shape).to(device)
+        channels = dict(n_channels=samples.n_channels, channel_axis=samples.channel_axis)
+        loss_fn = build(cfg.loss, **channels).to(device)
+        beta_schedule, criteria = build(cfg.schedule), build(cfg.verdict)
+        optimizer = settings.optimizer(trainable_parameters(model, loss_fn))
+        batch_size = settings.batch_size_for(len(train_index))
+        log_model(model, data, device, threads, batch_size)
         validate = Validation(model, data, values, masks, loss_fn, beta_schedule, settings)
         validate.check_objectives(objectives)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -93,7 +99,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
             for epoch in range(settings.epochs):
                 model.train()
                 started = time.perf_counter()
-                batches = epoch_batches(train_index, settings.batch_size)
+                batches = epoch_batches(train_index, batch_size)
                 train_sums: dict[str, torch.Tensor] = {}  # summed on the device: no sync a step
                 for step, batch in enumerate(progress_bar(batches, epoch)):
                     progress = epoch + step / len(batches)  # the fractional epoch
@@ -115,13 +121,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
                     val,
                     beta_schedule(epoch + 1),
                     lr,
-                    samples_per_second=len(batches) * settings.batch_size / train_seconds,
+                    samples_per_second=len(batches) * batch_size / train_seconds,
                     epoch_seconds=time.perf_counter() - started,
                 )
                 mlflow.log_metrics(metrics, step=epoch)  # one batched call per epoch
                 log_epoch(epoch, metrics)
                 is_best = early_stopping.update(epoch, val.loss_final_weights)
-                checkpoints.save(model, optimizer, epoch, val.loss_final_weights, is_best)
+                checkpoints.save(model, loss_fn, optimizer, epoch, val.loss_final_weights, is_best)
                 if early_stopping.should_stop:
                     break
                 if trial is not None and trial.should_prune(epoch, metrics):
@@ -129,21 +135,24 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
                     break
 
         # --- the best epoch's diagnostics, verdict, latents, downstream report ----------------
-        final_metrics, val = record_final(
+        final_metrics, verdict = record_final(
             model,
             checkpoints,
             early_stopping.best_epoch,
             validate,
             data,
             run_dir,
+            criteria,
+            cfg.evaluation.iwae_samples,
             cfg.evaluation.downstream,
             cfg.evaluation.normal_label,
             cfg.seed,
         )
         results = [final_metrics[name.replace("val/", "final/", 1)] for name in objectives]
         if trial is not None:
-            constraint = trial.finish(final_metrics, val.verdict()["verdict"])
-            mlflow.log_metric("final/constraint_kl", constraint)
+            constraints = sweep_constraints(final_metrics, cfg.sweep.kl_threshold, criteria)
+            mlflow.log_metrics({f"final/constraint_{c.name}": c.value for c in constraints})
+            trial.finish(final_metrics, verdict, constraints)
             if pruned_at is not None:
                 raise optuna.TrialPruned(f"pruned by the sweep's pruner after epoch {pruned_at}")
             mlflow.set_tag("trial_state", "COMPLETE")
@@ -163,9 +172,14 @@ def run_identity(
 
 
 def log_model(
-    model: torch.nn.Module, data: PreparedData, device: torch.device, threads: int
+    model: torch.nn.Module,
+    data: PreparedData,
+    device: torch.device,
+    threads: int,
+    batch_size: int,
 ) -> None:
-    """The model's size, the input it reads and where it runs, as params and a log line."""
+    """The model's size, the input it reads, where it runs and the batch it trains with, as
+    params and a log line."""
     n_parameters = sum(p.numel() for p in model.parameters())
     input_shape = data.sampleset.sample_shape
     mlflow.log_params(
@@ -173,10 +187,16 @@ def log_model(
             "model.n_parameters": n_parameters,
             "data.input_shape": str(input_shape),
             "torch.num_threads": threads,
+            "trainer.batch_size_used": batch_size,
         }
     )
     log.info(
-        "%d parameters, input %s, on %s (%d threads)", n_parameters, input_shape, device, threads
+        "%d parameters, input %s, on %s (%d threads), batches of %d",
+        n_parameters,
+        input_shape,
+        device,
+        threads,
+        batch_size,
     )
 
 

@@ -50,5 +50,10 @@ class SampleSet:
         """Shape of one sample: (T, C), (F,) or (C, D, H, W)."""
         return tuple(self.values.shape[1:])
 
+    @property
+    def n_channels(self) -> int:
+        """Length of the channel axis: what a per-channel decoder σ or normaliser has one of."""
+        return self.values.shape[self.channel_axis]
+
     def __len__(self) -> int:
         return len(self.values)

@@ -1,0 +1,77 @@
+"""The pieces of the training loop: the batch a training split trains with, the shuffled batches
+of an epoch, one optimiser step, and early stopping."""
+
+import functools
+import logging
+
+import pytest
+import torch
+
+from vaelab.errors import ConfigError, DivergenceError
+from vaelab.loop import EarlyStopping, TrainerSettings, epoch_batches, train_step
+from vaelab.losses import ElboLoss
+from vaelab.models.mlp import MLPVAE
+
+
+def settings(**overrides) -> TrainerSettings:
+    return TrainerSettings(optimizer=functools.partial(torch.optim.Adam, lr=1e-3), **overrides)
+
+
+def test_a_split_smaller_than_the_batch_trains_several_steps_an_epoch(caplog):
+    # 56 training samples at batch 64 used to be one optimiser step an epoch.
+    with caplog.at_level(logging.WARNING, logger="vaelab.loop"):
+        batch = settings(batch_size=64).batch_size_for(56)
+    assert batch == 14
+    assert len(epoch_batches(torch.arange(56), batch)) == 4
+    assert "56 samples" in caplog.text and "batches of 14" in caplog.text
+
+
+def test_a_split_of_many_batches_keeps_the_configured_batch(caplog):
+    with caplog.at_level(logging.WARNING, logger="vaelab.loop"):
+        assert settings(batch_size=64).batch_size_for(1257) == 64
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize(("n_train", "batch"), [(3, 2), (7, 2), (9, 2), (40, 10)])
+def test_the_batch_never_drops_below_two(n_train, batch):
+    assert settings(batch_size=64).batch_size_for(n_train) == batch
+
+
+def test_min_steps_per_epoch_must_be_positive():
+    with pytest.raises(ConfigError, match="min_steps_per_epoch"):
+        settings(min_steps_per_epoch=0)
+
+
+def test_epoch_batches_cover_the_split_once_without_a_batch_of_one():
+    torch.manual_seed(0)
+    batches = epoch_batches(torch.arange(100, 133), 8)  # 33 samples: 4 batches, 1 left over
+    assert [len(b) for b in batches] == [8, 8, 8, 8]
+    drawn = torch.cat(batches)
+    assert len(set(drawn.tolist())) == 32 and set(drawn.tolist()) <= set(range(100, 133))
+
+
+def test_one_train_step_changes_the_weights_and_a_nan_loss_stops_before_it():
+    torch.manual_seed(0)
+    model = MLPVAE((6,), latent_dim=2, hidden_dims=(8,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 6)
+    before = [p.detach().clone() for p in model.parameters()]
+    terms = train_step(model, ElboLoss(), optimizer, x, torch.ones_like(x), 1.0, 0.5, 5.0)
+    assert torch.isfinite(terms.total)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    after = [p.detach().clone() for p in model.parameters()]
+    x[0, 0] = torch.nan
+    with pytest.raises(DivergenceError, match="training loss became nan at epoch 1.50"):
+        train_step(model, ElboLoss(), optimizer, x, torch.ones_like(x), 1.0, 1.5, 5.0)
+    assert all(torch.equal(a, p) for a, p in zip(after, model.parameters(), strict=True))
+
+
+def test_early_stopping_counts_epochs_without_a_better_loss():
+    stopping = EarlyStopping(patience=2)
+    improved = [stopping.update(epoch, loss) for epoch, loss in enumerate([3.0, 2.0, 2.5, 2.1])]
+    assert improved == [True, True, False, False]
+    assert stopping.best_epoch == 1 and stopping.should_stop
+    never = EarlyStopping(patience=None)
+    for epoch in range(50):
+        never.update(epoch, 1.0)
+    assert not never.should_stop
