@@ -12,6 +12,7 @@ from vaelab.diagnostics import (
     codebook_verdict,
     collapse_verdict,
     diagnose,
+    mi_samples,
     mutual_information,
     sweep_constraints,
 )
@@ -58,6 +59,11 @@ def test_mi_of_distinct_points_reaches_log_n():
     mu = torch.arange(n, dtype=torch.float32)[:, None] * 10
     logvar = torch.full((n, 1), -4.0)
     assert mutual_information(mu, logvar) == pytest.approx(math.log(n), abs=0.01)
+
+
+def test_mi_samples_shrink_with_the_split_to_bound_the_cost():
+    assert mi_samples(40) == 8 and mi_samples(500) == 8
+    assert mi_samples(1000) == 2 and mi_samples(5000) == 1
 
 
 def test_mi_is_chunked_without_changing_the_answer():
