@@ -71,7 +71,7 @@ def run_trial(study, journal, outcome, beta, au, state=TrialState.COMPLETE):
                 "storage": str(journal),
                 "number": asked.number,
                 "parent_run_id": None,
-                "n_parallel": 1,
+                "worker_slot": 0,
             },
             "sweep": {"objective": "val/active_units", "kl_threshold": KL_THRESHOLD},
         }
@@ -174,7 +174,7 @@ def test_a_constraint_that_could_not_be_measured_counts_as_broken(tmp_path):
                 "storage": str(journal),
                 "number": asked.number,
                 "parent_run_id": None,
-                "n_parallel": 1,
+                "worker_slot": 0,
             },
             "sweep": {"objective": "val/active_units"},
         }
@@ -392,7 +392,7 @@ optuna_trial:
   storage: null
   number: null
   parent_run_id: null
-  n_parallel: 1
+  worker_slot: 0
 """
 
 

@@ -212,13 +212,18 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials(sweeps, tmp_path):
 
     sweeps.run("resume", "hydra.sweeper.n_trials=3", "trainer.epochs=3", "sweep/pruner=none")
     trials = load(tmp_path, "resume").get_trials()
-    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
-    stale = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(stale) == 1 and stale[0].user_attrs["fail_reason"].startswith("stale")
+    assert all(t.state.is_finished() for t in trials)
+    (stale,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert stale.user_attrs["fail_reason"].startswith("stale")
+    assert stale.user_attrs["not_counted"] == stale.user_attrs["fail_reason"]
+    # The killed trial's parameters ran again, so n_trials=3 trials ran to an outcome.
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == [stale.number]]
+    assert retry.params == stale.params and retry.state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and len(trials) == 4
     client, _, _ = mlflow_runs(tmp_path)
-    killed = client.get_run(stale[0].user_attrs["mlflow_run_id"])
+    killed = client.get_run(stale.user_attrs["mlflow_run_id"])
     assert killed.info.status == "KILLED"
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
 
 
 def test_two_sweep_processes_fill_one_study(sweeps, tmp_path):

@@ -3,6 +3,7 @@ studies, real Hydra multiruns of small apps of the test's own (no vaelab trainin
 real MLflow store where a test asks for one."""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ optuna_trial:
   storage: null
   number: null
   parent_run_id: null
-  n_parallel: 1
+  worker_slot: 0
 """
 )
 # vaelab's own train config, with a task that must never run: the sweep stops before it.
@@ -208,7 +209,7 @@ def job_config(storage, number, **sweep):
                 "storage": str(storage),
                 "number": number,
                 "parent_run_id": "abc123",
-                "n_parallel": 1,
+                "worker_slot": 0,
             },
             "sweep": {"objective": "val/active_units", "kl_threshold": 1.0, **sweep},
         }
@@ -247,7 +248,7 @@ def test_a_job_reaches_its_trial_reports_is_pruned_and_records_the_constraint(tm
     attrs = frozen.user_attrs
     assert attrs["mlflow_run_id"] == "run-1" and attrs["feasible"] is False
     assert attrs["collapse_verdict"] == "collapsed" and attrs["val_kl"] == 0.25
-    assert "heartbeat" in attrs and "pid" in attrs
+    assert attrs["pid"] == os.getpid() and "run_dir" in attrs  # the sweeper beats, not the job
 
 
 def test_an_empty_pruner_never_prunes_and_a_single_run_has_no_trial(tmp_path):
@@ -328,7 +329,7 @@ def test_an_app_with_an_optuna_trial_group_gets_its_trial_keys(tmp_path):
             "storage": str(journal),
             "number": number,
             "parent_run_id": None,
-            "n_parallel": 1,
+            "worker_slot": 0,
         }
 
 

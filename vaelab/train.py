@@ -42,7 +42,12 @@ from vaelab.loop import (
     trainable_parameters,
 )
 from vaelab.report import record_final
-from vaelab.runtime import resolve_device, seed_everything, set_torch_threads
+from vaelab.runtime import (
+    resolve_device,
+    seed_everything,
+    set_torch_threads,
+    trials_on_this_host,
+)
 from vaelab.schedules import cosine_lr
 from vaelab.sweep.trial import SweepTrial
 from vaelab.tracking import log_config
@@ -68,8 +73,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
         # --- seed, device, threads ---------------------------------------------------------
         seed_everything(cfg.seed)
         settings = build(cfg.trainer)
-        device = resolve_device(settings.device)
-        threads = set_torch_threads(settings.num_threads, cfg.optuna_trial.n_parallel)
+        device = resolve_device(settings.device, cfg.optuna_trial.worker_slot)
+        # A sweep's trials share this host with every worker's (vaelab.runtime.worker_slot).
+        threads = set_torch_threads(settings.num_threads, trials_on_this_host() if trial else 1)
 
         # --- data: generate or read, split by patient, normalise on train only -------------
         log.info("Instantiating dataset <%s>", cfg.dataset._target_)

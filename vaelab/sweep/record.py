@@ -29,9 +29,15 @@ class MlflowSweepRecord:
         self.tracker = MlflowTracker(uri, experiment, artifact_root)
         self.uri = uri
 
-    def open_parent(self, study_name: str, tags: dict[str, str]) -> str:
-        """The study's parent run, RUNNING: the existing one when a sweep resumes."""
-        return self.tracker.sweep_parent_run(study_name, tags)
+    def open_parent(self, study_name: str, tags: dict[str, str], known: str | None = None) -> str:
+        """The study's parent run, RUNNING: `known` (the run the study names) when another
+        worker or an earlier sweep made it, else the one found by its tags or made anew."""
+        if known is None:
+            return self.tracker.sweep_parent_run(study_name, tags)
+        client = mlflow.MlflowClient(self.uri)
+        client.update_run(known, status="RUNNING")
+        client.log_batch(known, tags=[RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
+        return known
 
     def close_trial_run(self, run_id: str, reason: str) -> None:
         """A trial's run that its dead process left RUNNING: KILLED, saying why."""

@@ -31,6 +31,16 @@ RESULTS_FILE = "optimization_results.yaml"
 UNEXPLAINED = "its value must be ≤ 0"
 
 
+# The user attr of a trial that does not count toward n_trials: one whose worker died (its
+# parameters run again in a new trial) or one asked beyond n_trials by racing workers.
+NOT_COUNTED = "not_counted"
+
+
+def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count toward n_trials: all but the stale and the surplus."""
+    return [t for t in trials if NOT_COUNTED not in t.user_attrs]
+
+
 def broken_constraints(trial: FrozenTrial) -> list[str]:
     """The names of the trial's constraints that do not hold: value > 0 (Optuna's rule)."""
     return [name for name, value in trial.constraints.items() if value > 0]
@@ -53,7 +63,8 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
     With constraints on any completed trial the best is the best feasible trial (None if no
     trial is feasible); without, it is simply the best trial, as in the stock plugin.
     """
-    trials = study.get_trials(deepcopy=False)
+    every_trial = study.get_trials(deepcopy=False)
+    trials = counted(every_trial)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     constrained = any(t.constraints for t in done)
     candidates = [t for t in done if is_feasible(t)]
@@ -72,6 +83,10 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
     summary["trials"] = {
         state.name: n for state in TrialState if (n := sum(t.state == state for t in trials))
     }
+    if not_counted := [t for t in every_trial if t not in trials]:
+        # Why each uncounted trial is left out: its worker died (and its parameters ran again)
+        # or racing workers asked one trial too many.
+        summary["not_counted"] = {t.number: t.user_attrs[NOT_COUNTED] for t in not_counted}
     if len(study.directions) == 1:
         summary["best"] = (
             {
@@ -160,6 +175,8 @@ def log_summary(summary: dict[str, Any], results: Path, storage: str) -> None:
             t["values"],
             t["params"],
         )
+    for number, why in summary.get("not_counted", {}).items():
+        log.info("  trial %d does not count toward n_trials: %s", number, why)
     log.info("Results: %s; Optuna storage %s", results, storage)
 
 

@@ -8,11 +8,19 @@ the stock plugin keep tripping. Any Hydra app can use it (`hydra/sweeper=vaelab_
   malformed objective a FAILED trial; the sweep goes on until failures exceed
   `max_failure_rate` x `n_trials`, and then stops with the last job's error as the cause (the
   stock plugin judges each batch alone, 0.0 by default, and never counts a rejected value).
-- `n_trials` counts the whole study: re-running a sweep resumes it, and trials left RUNNING
-  by a dead sweep process are failed. With no `study_name`, each sweep gets a study of its own
-  (and, with no `storage`, its own journal file), so two runs never share one by accident.
+- A sweep process is a worker: run the same command N times, on one machine or several, with
+  the same `study_name` and `storage`, and N workers share the study, each in a sweep folder of
+  its own, each asking for its next trial as soon as its last one ends. `n_trials` counts the
+  whole study: exactly n_trials trials run to an outcome, however the workers race (a trial
+  asked beyond it is closed untrained and not counted), and re-running a sweep resumes it.
+- A trial whose worker died (its pid gone on this host, or no heartbeat for
+  `stale_after_seconds`) is failed, not counted, and its parameters run again in a new trial,
+  up to `max_retries` times. With no `study_name`, each sweep gets a study of its own (and, with
+  no `storage`, its own journal file), so two runs never share one by accident.
+- A password in a `storage` URL never reaches a log, a tag, a job's config or a file: the
+  sweeper takes it out and hands it to its jobs in VAELAB_STORAGE_PASSWORD.
 - An app whose config has an `optuna_trial` group gets its trial's keys (number, study_name,
-  storage, parent_run_id, n_parallel), so the job can report per-epoch values for pruning and
+  storage, parent_run_id, worker_slot), so the job can report per-epoch values for pruning and
   record constraints on its own trial (vaelab.sweep.trial); other apps get only their params.
 - With a `tracking` node: one MLflow parent run per study, one child run per trial (the job's
   own), and a summary with plots. Without one, MLflow is never imported.
@@ -27,11 +35,14 @@ own test suite runs against this class in tests/test_sweeper_stock_suite.py).
 """
 
 import functools
+import itertools
 import logging
 import math
 import os
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,12 +63,21 @@ from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from vaelab.config import build
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.sweep.storage import journal_path, open_storage
-from vaelab.sweep.summary import log_summary, summarise, write_results
+from vaelab.runtime import pid_alive, worker_slot
+from vaelab.sweep.storage import (
+    HEARTBEAT_SECONDS,
+    PASSWORD_VARIABLE,
+    journal_path,
+    masked,
+    open_storage,
+    split_password,
+)
+from vaelab.sweep.summary import NOT_COUNTED, counted, log_summary, summarise, write_results
 
 if TYPE_CHECKING:  # for annotations only: importing it would load MLflow in every Hydra app
     from vaelab.sweep.record import MlflowSweepRecord
@@ -65,6 +85,10 @@ if TYPE_CHECKING:  # for annotations only: importing it would load MLflow in eve
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # the study's user attr naming its MLflow parent run
+WAITING = TrialState.WAITING
+IDLE_POLL_SECONDS = 2.0  # how often a worker with nothing to ask checks the others' trials
+WORKER_FILE = ".worker"  # in a sweep folder: the host and pid of the worker that claimed it
 MAX_REASON_LENGTH = 2000  # characters of a fail_reason user attr
 
 
@@ -92,9 +116,11 @@ class VaelabOptunaSweeperConf(OptunaSweeperConf):
     # With `storage` null, a study lives in the journal file <journal_dir>/<study_name>.journal.
     # (With `study_name` null, the study is named after the job and the sweep's start time.)
     journal_dir: str = "${hydra.sweep.dir}"
-    # A RUNNING trial whose sweep process is gone (same host), or whose job has not sent a
-    # heartbeat for this many seconds (any host), is failed when a sweep starts on the study.
-    stale_after_seconds: float = 3600.0
+    # A RUNNING trial whose worker is gone (same host), or whose job has sent no heartbeat for
+    # this many seconds (any host; jobs beat every 30 s), is failed, and its parameters run
+    # again in a new trial, at most max_retries times for one set of parameters.
+    stale_after_seconds: float = 120.0
+    max_retries: int = 2
     # MLflow parent run of the study; null: no MLflow at all.
     tracking: SweepTrackingConf | None = None
     # A function (dotted path, vaelab.* only) called once with one trial's config before the
@@ -110,6 +136,47 @@ ConfigStore.instance().store(
 class SweepConfigError(ConfigError, CompactHydraException):
     """A sweep config that cannot work, found before the first trial (Hydra prints the message
     alone, without a traceback)."""
+
+
+class Heartbeat:
+    """While a worker's jobs train, a thread tells the storage every HEARTBEAT_SECONDS that
+    their trials are alive: Optuna's heartbeat in a database, the `heartbeat` user attr in a
+    journal file. The sweeper beats, not the job, so any Hydra app's trials have one, and a
+    job whose worker died stops beating with it."""
+
+    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        self.study, self.trials = study, trials
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="vaelab-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while True:
+            for trial in self.trials:
+                try:
+                    record_heartbeat(self.study, trial)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # told already; the thread stops with the batch
+                except Exception as err:  # a lost beat must not stop the sweep
+                    log.warning("Heartbeat of trial %d not recorded: %s", trial.number, err)
+            if self.stop.wait(HEARTBEAT_SECONDS):
+                return
+
+
+def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Tell the storage the trial is alive (Optuna's heartbeat where the storage has one)."""
+    storage = study._storage
+    if is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)
+    else:
+        storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
 
 
 class FailureBudgetExceeded(RuntimeError):
@@ -132,6 +199,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         params: DictConfig | None,
         journal_dir: str,
         stale_after_seconds: float,
+        max_retries: int,
         tracking: DictConfig | None,
         validate: str | None,
     ) -> None:
@@ -154,6 +222,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         )
         self.journal_dir = journal_dir
         self.stale_after_seconds = stale_after_seconds
+        self.max_retries = max_retries
         self.tracking = tracking
         self.validate = validate
 
@@ -163,29 +232,31 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         search_space, fixed_params, fixed_overrides = self._search_space(arguments)
         fixed = [*(f"{name}={value}" for name, value in fixed_params.items()), *fixed_overrides]
         self._check_job_config(search_space, fixed)
+        self._claim_sweep_dir()
+        storage_spec = self._take_out_password()
 
         self._build_grid_sampler(search_space)
-        study, storage_spec = self._open_study()
+        study = self._open_study(storage_spec)
         record: MlflowSweepRecord | None = build(self.tracking) if self.tracking else None
         self._fail_stale_trials(study, record)
         parent_run_id = None
         if record is not None:
-            tags = self._parent_tags(study, storage_spec, search_space)
-            parent_run_id = record.open_parent(study.study_name, tags)
+            parent_run_id = self._parent_run(study, record, storage_spec, search_space)
 
-        try:
-            handed = self._trial_keys(study.study_name, storage_spec, parent_run_id)
-            self._run_trials(study, search_space, fixed_params, fixed_overrides, handed)
-            self._report(study, record, parent_run_id, storage_spec)
-        except BaseException as err:
+        with worker_slot(self._trials_at_once()) as slot:
             try:
-                if isinstance(err, FailureBudgetExceeded):
-                    self._report(study, record, parent_run_id, storage_spec)  # what did run
-            finally:
-                self._leave_nothing_running(study, record, parent_run_id, err)
-            raise
-        if record is not None:
-            record.close_parent(parent_run_id, "FINISHED")
+                handed = self._trial_keys(study.study_name, storage_spec, parent_run_id, slot)
+                self._run_trials(study, search_space, fixed_params, fixed_overrides, handed, record)
+                self._report(study, record, parent_run_id, storage_spec)
+            except BaseException as err:
+                try:
+                    if isinstance(err, FailureBudgetExceeded):
+                        self._report(study, record, parent_run_id, storage_spec)  # what did run
+                finally:
+                    self._leave_nothing_running(study, record, parent_run_id, err)
+                raise
+        if record is not None and not _unfinished(study):
+            record.close_parent(parent_run_id, "FINISHED")  # the last worker to end closes it
 
     def _search_space(
         self, arguments: list[str]
@@ -204,20 +275,38 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
                 )
         return search_space, fixed_params, fixed_overrides
 
-    def _open_study(self) -> tuple[optuna.Study, str]:
-        """The study, created or loaded, and its storage as a string.
+    def _take_out_password(self) -> str:
+        """The study's storage as every log, tag and job sees it: a database password moves
+        to VAELAB_STORAGE_PASSWORD (this process's and so its jobs' environment), and Hydra's
+        own record of the command line (multirun.yaml, each job's .hydra) is masked."""
+        if self.storage is None:
+            journal = journal_path(self.journal_dir, self.study_name or self._new_study_name())
+            # Absolute: a job that changes its directory (hydra.job.chdir) still finds it.
+            return str(journal.absolute())
+        storage_spec, password = split_password(str(self.storage))
+        if password is None:
+            return storage_spec
+        os.environ[PASSWORD_VARIABLE] = password
+        hydra_node = self.config.hydra
+        with read_write(hydra_node), open_dict(hydra_node):
+            hydra_node.sweeper.storage = masked(str(self.storage))
+            hydra_node.overrides.hydra = [
+                _masked_override(override) for override in hydra_node.overrides.hydra
+            ]
+        log.info("The storage URL's password is kept out of logs, tags and job configs")
+        return storage_spec
+
+    def _open_study(self, storage_spec: str) -> optuna.Study:
+        """The study, created or loaded: every worker runs this, and the first creates it.
 
         With no study_name a study of its own (named after the job and the start time), so two
         sweeps never share one by accident; with no storage a journal file of its own.
         """
-        study_name = self.study_name or self._new_study_name()
-        # Absolute: a job that changes its directory (hydra.job.chdir) still finds the journal.
-        journal = journal_path(self.journal_dir, study_name).absolute()
-        storage_spec = str(self.storage or journal)
+        study_name = self.study_name or Path(storage_spec).stem
         directions = self._get_directions()
         study = optuna.create_study(
             study_name=study_name,
-            storage=open_storage(storage_spec),
+            storage=open_storage(storage_spec, self.stale_after_seconds),
             sampler=self.sampler,
             directions=directions,
             load_if_exists=True,
@@ -225,17 +314,38 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         log.info(
             "Study %r in %s: %d trials finished already, n_trials %d; sampler %s, directions %s",
             study_name,
-            storage_spec,
+            masked(storage_spec),
             len(study.get_trials(deepcopy=False, states=FINISHED)),
             self.n_trials,
             type(self.sampler).__name__,
             directions,
         )
-        return study, storage_spec
+        return study
 
     def _new_study_name(self) -> str:
         """A study of its own for a sweep that names none: the job name and the start time."""
         return f"{self.config.hydra.job.name}-{datetime.now():%Y-%m-%d_%H-%M-%S_%f}"
+
+    def _parent_run(
+        self,
+        study: optuna.Study,
+        record: "MlflowSweepRecord",
+        storage_spec: str,
+        search_space: dict[str, BaseDistribution],
+    ) -> str:
+        """The study's MLflow parent run, shared by every worker: the one the study names, or
+        one found or made (workers making one at once keep the oldest), then named in the
+        study so later workers go straight to it."""
+        tags = self._parent_tags(study, storage_spec, search_space)
+        known = study.user_attrs.get(PARENT_RUN_ATTR)
+        parent_run_id = record.open_parent(study.study_name, tags, known)
+        if parent_run_id != known:
+            study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
+        return parent_run_id
+
+    def _trials_at_once(self) -> int:
+        """Trials this worker runs at once: one with the basic launcher, else n_jobs."""
+        return 1 if "BasicLauncher" in type(self.launcher).__name__ else self.n_jobs
 
     def _parent_tags(
         self, study: optuna.Study, storage_spec: str, search_space: dict[str, BaseDistribution]
@@ -243,7 +353,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         """What the MLflow parent run says about the sweep."""
         return {
             "sweep.study_name": study.study_name,
-            "sweep.storage": storage_spec,
+            "sweep.storage": masked(storage_spec),
             "sweep.sampler": type(self.sampler).__name__,
             "sweep.directions": ",".join(self._get_directions()),
             "sweep.search_space": str({name: str(d) for name, d in search_space.items()}),
@@ -314,6 +424,39 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
             "config (an experiment, a group option) that has it."
         )
 
+    def _claim_sweep_dir(self) -> None:
+        """A sweep folder of this worker's own. Workers on one study that start in the same
+        second (or a re-run with a fixed hydra.sweep.dir) would otherwise share Hydra's folder,
+        and their jobs, numbered from 0 in each, would write into each other's trial folders.
+        A worker claims a folder by creating its WORKER_FILE (O_EXCL: atomic, so two never
+        both win); the first keeps the name, the others get _2, _3, ..."""
+        wanted = Path(str(self.config.hydra.sweep.dir))
+        for attempt in itertools.count(1):
+            claimed = wanted if attempt == 1 else wanted.with_name(f"{wanted.name}_{attempt}")
+            claimed.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(claimed / WORKER_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{socket.gethostname()} {os.getpid()}\n")
+            break
+        if claimed != wanted:
+            log.info(
+                "%s belongs to another worker or an earlier sweep: this one writes to %s",
+                wanted,
+                claimed,
+            )
+        # The launcher reads the sweep's config; each job's is composed anew from Hydra's
+        # overrides, so the folder goes there too.
+        hydra_node = self.config.hydra
+        with read_write(hydra_node), open_dict(hydra_node):
+            hydra_node.sweep.dir = str(claimed)
+            hydra_node.overrides.hydra = [
+                *(o for o in hydra_node.overrides.hydra if not o.startswith("hydra.sweep.dir=")),
+                f"hydra.sweep.dir={_quoted(str(claimed))}",
+            ]
+
     def _build_grid_sampler(self, search_space: dict[str, BaseDistribution]) -> None:
         """A GridSampler needs the search space itself (as the stock plugin does)."""
         is_grid = (
@@ -326,24 +469,53 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
 
     def _fail_stale_trials(self, study: optuna.Study, record: "MlflowSweepRecord | None") -> None:
-        """Fail RUNNING trials left by a sweep process that died, and close their MLflow runs."""
+        """Fail the RUNNING trials whose worker died, close their MLflow runs as KILLED, and
+        run their parameters again in a new trial (as Optuna's RetryHeartbeatStaleTrialCallback
+        does, which only study.optimize would call): the dead trial does not count toward
+        n_trials, its retry does.
+
+        Dead: its worker's pid is gone on this host, or its job has been silent for
+        stale_after_seconds (Optuna's heartbeat in a database; the `heartbeat` user attr in a
+        journal file, which has no heartbeat of its own).
+        """
         host = socket.gethostname()
+        storage = study._storage
+        silent_ids = (
+            set(storage._get_stale_trial_ids(study._study_id))
+            if is_heartbeat_enabled(storage)
+            else set()
+        )
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             attrs = trial.user_attrs
-            owner_gone = attrs.get("sweeper_host") == host and not _pid_alive(
+            owner_gone = attrs.get("sweeper_host") == host and not pid_alive(
                 attrs.get("sweeper_pid")
             )
             last_sign = attrs.get("heartbeat", trial.datetime_start.timestamp())
-            silent = time.time() - last_sign > self.stale_after_seconds
+            silent = trial._trial_id in silent_ids or (
+                not is_heartbeat_enabled(storage)
+                and time.time() - last_sign > self.stale_after_seconds
+            )
             if not (owner_gone or silent):
                 continue
             why = (
-                f"stale: its sweep process (pid {attrs.get('sweeper_pid')} on {host}) is gone"
+                f"stale: its worker (pid {attrs.get('sweeper_pid')} on {host}) is gone"
                 if owner_gone
                 else f"stale: no heartbeat for {self.stale_after_seconds:.0f} s"
             )
-            if _fail_trial(study, trial, why, record):
-                log.warning("Trial %d was left RUNNING; marked FAILED (%s)", trial.number, why)
+            retries = attrs.get("retry_of", [])
+            retried = len(retries) < self.max_retries
+            if not _fail_trial(study, trial, why, record, not_counted=retried):
+                continue  # another worker settled it first
+            if retried:
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": [*retries, trial.number]})
+                log.warning("Trial %d %s: failed, and its parameters run again", trial.number, why)
+            else:
+                log.warning(
+                    "Trial %d %s: failed; not run again, its parameters ran %d times already",
+                    trial.number,
+                    why,
+                    len(retries) + 1,
+                )
 
     # --- the trials -------------------------------------------------------------------------
 
@@ -354,22 +526,44 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         fixed_params: dict[str, Any],
         fixed_overrides: list[str],
         handed: tuple[str, ...],
+        record: "MlflowSweepRecord | None",
     ) -> None:
-        """Ask, launch and tell in batches of n_jobs until the study holds n_trials trials.
+        """Ask, launch and tell, n_jobs trials at a time, until the study holds n_trials.
 
-        `handed`: the overrides that hand each job its trial, besides its number (none for an
-        app without an `optuna_trial` group).
+        A worker with the basic launcher runs one trial and asks for the next as soon as it
+        ends; before each ask it fails (and retries) the trials of dead workers. `handed`: the
+        overrides that hand each job its trial, besides its number (none for an app without
+        an `optuna_trial` group).
         """
         n_objectives = len(study.directions)
         allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
         where_else = " and its FAILED run in MLflow" if self.tracking else ""
         failures, last_failure = 0, None
-        while (batch_size := min(self.n_jobs, self._trials_to_go(study))) > 0:
-            trials = [study.ask() for _ in range(batch_size)]
-            for trial in trials:
-                # Who owns this RUNNING trial, so a later sweep can tell whether it died.
+        while True:
+            self._fail_stale_trials(study, record)
+            batch_size = min(self.n_jobs, self._trials_to_go(study))
+            if batch_size <= 0:
+                if not _unfinished(study):
+                    break
+                # Nothing to ask, but other workers' trials still run: stay, so that if their
+                # worker dies, this one runs them again.
+                time.sleep(IDLE_POLL_SECONDS)
+                continue
+            trials = []
+            for _ in range(batch_size):
+                with warnings.catch_warnings():  # the Heartbeat below beats for ask-and-tell
+                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be")
+                    trial = study.ask()
+                # Who owns this RUNNING trial, so another worker can tell whether it died (a
+                # database's heartbeat check skips a trial that never beat: beat at once).
+                record_heartbeat(study, trial)
                 trial.set_user_attr("sweeper_host", socket.gethostname())
                 trial.set_user_attr("sweeper_pid", os.getpid())
+                if self._is_surplus(study, trial):
+                    break
+                trials.append(trial)
+            if not trials:
+                continue
             trial_settings = self._configure_trials(
                 trials, search_space, fixed_params, fixed_overrides
             )
@@ -377,7 +571,8 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
                 (*settings, *handed, f"optuna_trial.number={trial.number}") if handed else settings
                 for trial, settings in zip(trials, trial_settings, strict=True)
             ]
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            with Heartbeat(study, trials):
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
                 if self._tell(study, trial, ret, n_objectives) == TrialState.FAIL:
@@ -390,25 +585,37 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
                     f"{study.study_name!r}{where_else}. The last failure is above."
                 ) from last_failure
 
+    def _is_surplus(self, study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Whether n_trials counted trials came before this one: then workers raced past
+        n_trials (Optuna cannot ask "only if fewer than n"), and the trial is closed untrained
+        and not counted. Trial numbers are unique in a study, so every worker agrees."""
+        earlier = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+        if len(earlier) < self.n_trials:
+            return False
+        why = f"surplus: {self.n_trials} trials were asked before it (n_trials)"
+        _fail_trial(study, trial, why, record=None, not_counted=True)
+        log.info("Trial %d closed untrained, not counted: %s", trial.number, why)
+        return True
+
     def _trials_to_go(self, study: optuna.Study) -> int:
-        """Trials still to ask: n_trials counts every trial of the study, in any process."""
-        live = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-        return self.n_trials - len(study.get_trials(deepcopy=False, states=live))
+        """Trials still to ask: n_trials counts the study's trials in every worker, all but
+        the stale and surplus ones; a stale trial's retry waits in the study to be asked."""
+        asked = [t for t in counted(study.get_trials(deepcopy=False)) if t.state != WAITING]
+        return self.n_trials - len(asked)
 
     def _trial_keys(
-        self, study_name: str, storage_spec: str, parent_run_id: str | None
+        self, study_name: str, storage_spec: str, parent_run_id: str | None, slot: int
     ) -> tuple[str, ...]:
         """The overrides that hand every job its study (its number comes per trial), for an
-        app whose config has an `optuna_trial` group; none for any other app."""
+        app whose config has an `optuna_trial` group; none for any other app. The storage
+        carries no password (_take_out_password)."""
         if not isinstance(OmegaConf.select(self.config, "optuna_trial"), DictConfig):
             return ()
-        # Trials that share this machine at once: the basic launcher runs them one by one.
-        parallel = 1 if "BasicLauncher" in type(self.launcher).__name__ else self.n_jobs
         return (
             f"optuna_trial.study_name={_quoted(study_name)}",
             f"optuna_trial.storage={_quoted(storage_spec)}",
             f"optuna_trial.parent_run_id={parent_run_id or 'null'}",
-            f"optuna_trial.n_parallel={parallel}",
+            f"optuna_trial.worker_slot={slot}",
         )
 
     @staticmethod
@@ -458,7 +665,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         results = write_results(summary, Path(self.config.hydra.sweep.dir))
         if record is not None:
             record.fill_parent(parent_run_id, study, summary, results)
-        log_summary(summary, results, storage_spec)
+        log_summary(summary, results, masked(storage_spec))
 
     def _leave_nothing_running(
         self,
@@ -475,7 +682,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
             mine = trial.user_attrs.get("sweeper_host") == host
             if mine and trial.user_attrs.get("sweeper_pid") == pid:
                 _fail_trial(study, trial, f"the sweep stopped: {reason}", record)
-        if record is not None:
+        if record is not None and not _unfinished(study):
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             record.close_parent(parent_run_id, status, reason)
         log.error("Sweep of study %r stopped: %s", study.study_name, reason)
@@ -515,14 +722,20 @@ def _failure(trial: optuna.Trial, ret: JobReturn) -> BaseException:
 
 
 def _fail_trial(
-    study: optuna.Study, trial: FrozenTrial, reason: str, record: "MlflowSweepRecord | None"
+    study: optuna.Study,
+    trial: FrozenTrial | optuna.Trial,
+    reason: str,
+    record: "MlflowSweepRecord | None",
+    not_counted: bool = False,
 ) -> bool:
     """Fail a RUNNING trial with its reason, and close its MLflow run; False if another
-    process settled it first."""
+    process settled it first. A trial `not_counted` does not count toward n_trials."""
     try:
         study._storage.set_trial_user_attr(
             trial._trial_id, "fail_reason", reason[:MAX_REASON_LENGTH]
         )
+        if not_counted:
+            study._storage.set_trial_user_attr(trial._trial_id, NOT_COUNTED, reason)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
@@ -543,14 +756,14 @@ def _tell_study(
             raise
 
 
-def _pid_alive(pid: int | None) -> bool:
-    """Whether a process with this id exists on this host."""
-    if pid is None:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _unfinished(study: optuna.Study) -> bool:
+    """Whether any worker still has a trial to run: one RUNNING or WAITING (a retry)."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+def _masked_override(override: str) -> str:
+    """A hydra.sweeper.storage=URL override with the URL's password masked; others as they are."""
+    key, sep, value = override.partition("=")
+    if key.lstrip("+~") != "hydra.sweeper.storage" or not sep:
+        return override
+    return f"{key}={masked(value.strip(chr(39) + chr(34)))}"

@@ -2,10 +2,9 @@
 
 Hydra's stock Optuna sweeper never hands the job its trial. vaelab's sweeper
 (`vaelab.sweep.sweeper`) fills the job's `optuna_trial` group (study_name, storage, number,
-parent_run_id, n_parallel); the job loads the study from the storage and, through its trial,
-reports the objective every epoch, asks the pruner whether to stop, records its constraints
-(vaelab.diagnostics.sweep_constraints), and leaves a heartbeat so that a later sweep can tell
-a dead trial from a running one.
+parent_run_id, worker_slot); the job loads the study from the storage and, through its trial,
+reports the objective every epoch, asks the pruner whether to stop, and records its constraints
+(vaelab.diagnostics.sweep_constraints). The sweeper, not the job, beats the trial's heartbeat.
 
     trial = SweepTrial.from_config(cfg)  # None in a single run
     trial.start(mlflow_run_id, run_dir)
@@ -17,7 +16,6 @@ import logging
 import math
 import os
 import socket
-import time
 from pathlib import Path
 
 import optuna
@@ -97,16 +95,14 @@ class SweepTrial:
         )
 
     def start(self, mlflow_run_id: str, run_dir: Path) -> None:
-        """Tie the trial to its MLflow run and to this process (for stale-trial detection)."""
+        """Tie the trial to its MLflow run (closed as KILLED if the worker dies) and its folder."""
         self.trial.set_user_attr("mlflow_run_id", mlflow_run_id)
         self.trial.set_user_attr("run_dir", str(run_dir))
         self.trial.set_user_attr("host", socket.gethostname())
         self.trial.set_user_attr("pid", os.getpid())
-        self.trial.set_user_attr("heartbeat", time.time())
 
     def should_prune(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Leave a heartbeat, report this epoch's objective, and ask the pruner whether to stop."""
-        self.trial.set_user_attr("heartbeat", time.time())
+        """Report this epoch's objective and ask the pruner whether to stop."""
         if not self.prunes:
             return False
         self.trial.report(metrics[self.objectives[0]], step=epoch)
