@@ -5,9 +5,7 @@ sweeper on its own, with small apps of the tests' own, is tested in tests/test_s
 import os
 import signal
 import subprocess
-import sys
 import time
-from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -17,61 +15,6 @@ from optuna.trial import TrialState
 from vaelab.sweep.storage import open_storage
 
 pytestmark = pytest.mark.slow
-
-
-# A search space of the test's own: the tests name every swept setting on the command line,
-# so a grid sampler can walk it (the shipped spaces set TPE-only sampler options).
-GRID_SEARCH = """# @package _global_
-defaults:
-  - override /hydra/sweeper: vaelab
-  - override /hydra/sweeper/sampler: grid
-hydra:
-  sweeper:
-    direction: maximize
-    max_failure_rate: 0.0
-"""
-
-
-@pytest.fixture
-def sweeps(tmp_path, tiny) -> SimpleNamespace:
-    """`command(study, *overrides)` and `run(study, *overrides)`: a sweep of tiny MLP trials
-    (latent_dim left free: the search spaces sweep it) writing under tmp_path. The downstream
-    report and a long log p(x) estimate are off: tests/test_evaluate.py covers them, and these
-    tests are about the sweep machinery."""
-    tiny_mlp = [o for o in tiny.mlp_run if not o.startswith("model.latent_dim")]
-    searchpath = tmp_path / "conf"
-    (searchpath / "hparams_search").mkdir(parents=True, exist_ok=True)
-    (searchpath / "hparams_search" / "grid.yaml").write_text(GRID_SEARCH)
-
-    def command(study, *overrides, search="quick"):
-        return [
-            sys.executable,
-            "-m",
-            "vaelab.train",
-            "--multirun",
-            f"hparams_search={search}",
-            *tiny_mlp,
-            "evaluation.downstream=false",
-            "evaluation.iwae_samples=10",
-            f"paths.output_root={tmp_path / 'multirun'}",
-            f"hydra.sweeper.study_name={study}",  # journal: <output_root>/optuna/<study>.journal
-            f"hydra.searchpath=[file://{searchpath}]",
-            *overrides,
-        ]
-
-    def run(study, *overrides, check=True, search="quick"):
-        result = subprocess.run(
-            command(study, *overrides, search=search),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if check:
-            assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    return SimpleNamespace(command=command, run=run)
 
 
 def load(tmp_path, study):

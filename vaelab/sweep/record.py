@@ -7,12 +7,15 @@ MLflow is neither needed nor loaded by a plain Hydra app.
 """
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import optuna
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from vaelab.sweep.plots import plot_sweep
 from vaelab.tracking import MAX_PARAM_LENGTH, MlflowTracker
@@ -30,14 +33,15 @@ class MlflowSweepRecord:
         self.uri = uri
 
     def open_parent(self, study_name: str, tags: dict[str, str], known: str | None = None) -> str:
-        """The study's parent run, RUNNING: `known` (the run the study names) when another
-        worker or an earlier sweep made it, else the one found by its tags or made anew."""
-        if known is None:
-            return self.tracker.sweep_parent_run(study_name, tags)
+        """The study's parent run, RUNNING, with these tags: `known` (the run the study names)
+        when another worker or an earlier sweep made it, else the one found by its tags or
+        made anew."""
+        parent_run_id = known or self.tracker.sweep_parent_run(study_name, {})
         client = mlflow.MlflowClient(self.uri)
-        client.update_run(known, status="RUNNING")
-        client.log_batch(known, tags=[RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
-        return known
+        client.update_run(parent_run_id, status="RUNNING")
+        tags = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
+        _racing_workers_tolerated(lambda: client.log_batch(parent_run_id, tags=tags))
+        return parent_run_id
 
     def close_trial_run(self, run_id: str, reason: str) -> None:
         """A trial's run that its dead process left RUNNING: KILLED, saying why."""
@@ -53,7 +57,7 @@ class MlflowSweepRecord:
         client.log_artifact(parent_run_id, str(results))
         for plot in plot_sweep(study, results.parent / "plots"):
             client.log_artifact(parent_run_id, str(plot), artifact_path="plots")
-        client.set_tag(parent_run_id, "sweep.trials", str(summary["trials"]))
+        _set_tag(client, parent_run_id, "sweep.trials", str(summary["trials"]))
         if "feasible" in summary:  # a constrained study: how many trials broke which constraint
             counts = {
                 "sweep.n_feasible": len(summary["feasible"]),
@@ -63,7 +67,8 @@ class MlflowSweepRecord:
                     for name, n in summary["infeasible_by_constraint"].items()
                 },
             }
-            client.log_batch(parent_run_id, tags=[RunTag(k, str(n)) for k, n in counts.items()])
+            tags = [RunTag(k, str(n)) for k, n in counts.items()]
+            _racing_workers_tolerated(lambda: client.log_batch(parent_run_id, tags=tags))
         best = summary.get("best")
         if best:
             self._log_best(client, parent_run_id, best)
@@ -77,7 +82,7 @@ class MlflowSweepRecord:
         """End the parent run: FINISHED, or FAILED / KILLED with the reason in its `error` tag."""
         client = mlflow.MlflowClient(self.uri)
         if reason is not None:
-            client.set_tag(parent_run_id, "error", reason[:MAX_TAG_LENGTH])
+            _set_tag(client, parent_run_id, "error", reason[:MAX_TAG_LENGTH])
         client.set_terminated(parent_run_id, status=status)
 
     @staticmethod
@@ -88,23 +93,43 @@ class MlflowSweepRecord:
         params keep the first one and a warning says so; the tags always name the current best.
         """
         params = {f"best.{k}": str(v)[:MAX_PARAM_LENGTH] for k, v in best["params"].items()}
-        logged = client.get_run(parent_run_id).data.params
-        changed = sorted(k for k, v in params.items() if logged.get(k, v) != v)
-        if changed:
-            log.warning(
-                "The parent run keeps its earlier %s (MLflow params cannot change); the best "
-                "trial is now %d (tags sweep.best_trial, sweep.best_params)",
-                ", ".join(changed),
-                best["number"],
-            )
-        client.log_batch(
-            parent_run_id,
-            params=[Param(k, v) for k, v in params.items() if k not in logged],
-            metrics=[
-                Metric(f"best/{k}", float(v), 0, 0)
-                for k, v in best["user_attrs"].items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith("val_")
-            ],
-        )
-        client.set_tag(parent_run_id, "sweep.best_trial", str(best["number"]))
-        client.set_tag(parent_run_id, "sweep.best_params", str(best["params"])[:MAX_TAG_LENGTH])
+        metrics = [
+            Metric(f"best/{k}", float(v), 0, 0)
+            for k, v in best["user_attrs"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith("val_")
+        ]
+
+        def log_new_params_and_metrics() -> None:  # read again on each try: a worker may race
+            logged = client.get_run(parent_run_id).data.params
+            changed = sorted(k for k, v in params.items() if logged.get(k, v) != v)
+            if changed:
+                log.warning(
+                    "The parent run keeps its earlier %s (MLflow params cannot change); the "
+                    "best trial is now %d (tags sweep.best_trial, sweep.best_params)",
+                    ", ".join(changed),
+                    best["number"],
+                )
+            fresh = [Param(k, v) for k, v in params.items() if k not in logged]
+            client.log_batch(parent_run_id, params=fresh, metrics=metrics)
+
+        _racing_workers_tolerated(log_new_params_and_metrics)
+        _set_tag(client, parent_run_id, "sweep.best_trial", str(best["number"]))
+        _set_tag(client, parent_run_id, "sweep.best_params", str(best["params"])[:MAX_TAG_LENGTH])
+
+
+def _set_tag(client: mlflow.MlflowClient, run_id: str, key: str, value: str) -> None:
+    _racing_workers_tolerated(lambda: client.set_tag(run_id, key, value))
+
+
+def _racing_workers_tolerated(write: Callable[[], None], attempts: int = 3) -> None:
+    """A write to the shared parent run, tried again when another worker wrote the same tag
+    at the same moment: MLflow's store inserts a new tag after looking for it, so two writers
+    can both insert, and the second fails on the table's unique key."""
+    for attempt in range(1, attempts + 1):
+        try:
+            write()
+            return
+        except MlflowException as err:
+            if attempt == attempts or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.2 * attempt)

@@ -21,7 +21,7 @@ import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,11 @@ def split_password(spec: str) -> tuple[str, str | None]:
     url = make_url(spec)
     if url.password is None:
         return spec, None
-    return url.set(password=None).render_as_string(hide_password=False), str(url.password)
+    # URL.set(password=None) keeps the password; a URL made anew without one drops it.
+    bare = URL.create(
+        url.drivername, url.username, None, url.host, url.port, url.database, url.query
+    )
+    return bare.render_as_string(hide_password=False), str(url.password)
 
 
 def with_password(spec: str) -> str:

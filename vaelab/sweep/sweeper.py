@@ -88,6 +88,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # the study's user attr naming its MLflow parent run
 WAITING = TrialState.WAITING
 IDLE_POLL_SECONDS = 2.0  # how often a worker with nothing to ask checks the others' trials
+PARENT_WAIT_SECONDS = 60.0  # how long a joining worker waits for the creator's parent run
 WORKER_FILE = ".worker"  # in a sweep folder: the host and pid of the worker that claimed it
 MAX_REASON_LENGTH = 2000  # characters of a fail_reason user attr
 
@@ -236,12 +237,12 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         storage_spec = self._take_out_password()
 
         self._build_grid_sampler(search_space)
-        study = self._open_study(storage_spec)
+        study, created = self._open_study(storage_spec)
         record: MlflowSweepRecord | None = build(self.tracking) if self.tracking else None
         self._fail_stale_trials(study, record)
         parent_run_id = None
         if record is not None:
-            parent_run_id = self._parent_run(study, record, storage_spec, search_space)
+            parent_run_id = self._parent_run(study, record, storage_spec, search_space, created)
 
         with worker_slot(self._trials_at_once()) as slot:
             try:
@@ -296,21 +297,27 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         log.info("The storage URL's password is kept out of logs, tags and job configs")
         return storage_spec
 
-    def _open_study(self, storage_spec: str) -> optuna.Study:
-        """The study, created or loaded: every worker runs this, and the first creates it.
+    def _open_study(self, storage_spec: str) -> tuple[optuna.Study, bool]:
+        """The study, and whether this worker created it: every worker runs this, and exactly
+        one creates it (the storage refuses a second study of the same name).
 
         With no study_name a study of its own (named after the job and the start time), so two
         sweeps never share one by accident; with no storage a journal file of its own.
         """
         study_name = self.study_name or Path(storage_spec).stem
         directions = self._get_directions()
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=open_storage(storage_spec, self.stale_after_seconds),
-            sampler=self.sampler,
-            directions=directions,
-            load_if_exists=True,
-        )
+        storage = open_storage(storage_spec, self.stale_after_seconds)
+        try:
+            study = optuna.create_study(
+                study_name=study_name, storage=storage, sampler=self.sampler, directions=directions
+            )
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            created = False
+            # Another worker made it, or an earlier sweep. With the same seed this worker's
+            # sampler would propose what theirs did, trial for trial: it draws a seed of its own.
+            self.sampler.reseed_rng()
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=self.sampler)
         log.info(
             "Study %r in %s: %d trials finished already, n_trials %d; sampler %s, directions %s",
             study_name,
@@ -320,7 +327,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
             type(self.sampler).__name__,
             directions,
         )
-        return study
+        return study, created
 
     def _new_study_name(self) -> str:
         """A study of its own for a sweep that names none: the job name and the start time."""
@@ -332,12 +339,23 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         record: "MlflowSweepRecord",
         storage_spec: str,
         search_space: dict[str, BaseDistribution],
+        created: bool,
     ) -> str:
-        """The study's MLflow parent run, shared by every worker: the one the study names, or
-        one found or made (workers making one at once keep the oldest), then named in the
-        study so later workers go straight to it."""
-        tags = self._parent_tags(study, storage_spec, search_space)
+        """The study's MLflow parent run, shared by every worker and named in the study.
+
+        The worker that created the study makes it (or finds it, for a study an earlier
+        version left unnamed) and tags it; the others wait for its name, so that the MLflow
+        experiment and the parent are made once (concurrent creation races: mlflow #4123).
+        A joiner that waits in vain makes or finds one itself (of two, both keep the oldest).
+        """
         known = study.user_attrs.get(PARENT_RUN_ATTR)
+        deadline = time.monotonic() + PARENT_WAIT_SECONDS
+        while known is None and not created and time.monotonic() < deadline:
+            time.sleep(0.5)
+            known = optuna.load_study(
+                study_name=study.study_name, storage=study._storage
+            ).user_attrs.get(PARENT_RUN_ATTR)
+        tags = self._parent_tags(study, storage_spec, search_space) if known is None else {}
         parent_run_id = record.open_parent(study.study_name, tags, known)
         if parent_run_id != known:
             study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
@@ -487,8 +505,9 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         )
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             attrs = trial.user_attrs
-            owner_gone = attrs.get("sweeper_host") == host and not pid_alive(
-                attrs.get("sweeper_pid")
+            pid = attrs.get("sweeper_pid")
+            owner_gone = (
+                attrs.get("sweeper_host") == host and pid is not None and not pid_alive(pid)
             )
             last_sign = attrs.get("heartbeat", trial.datetime_start.timestamp())
             silent = trial._trial_id in silent_ids or (
@@ -557,8 +576,9 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
                 # Who owns this RUNNING trial, so another worker can tell whether it died (a
                 # database's heartbeat check skips a trial that never beat: beat at once).
                 record_heartbeat(study, trial)
-                trial.set_user_attr("sweeper_host", socket.gethostname())
+                # (pid first: a worker that reads the host must find the pid there already)
                 trial.set_user_attr("sweeper_pid", os.getpid())
+                trial.set_user_attr("sweeper_host", socket.gethostname())
                 if self._is_surplus(study, trial):
                     break
                 trials.append(trial)
