@@ -13,13 +13,17 @@ SEARCH ?=
 STUDY ?= quick
 OUT ?= multirun
 PORT ?= 5000
+# make sweep WORKERS=N: N sweep processes on one study; make mlflow-server: its port and store.
+WORKERS ?= 1
+SERVER_PORT ?= 5050
+SERVER_STORE ?= postgresql+psycopg://postgres@127.0.0.1:5432/vaelab_mlflow
 DASHBOARD_PORT ?= 8080
 # make evidence: trials per data set and epochs per trial.
 TRIALS ?= 12
 EPOCHS ?= 20
 
 .DEFAULT_GOAL := help
-.PHONY: help install run train sweep ui dashboard test test-fast bench evidence lint clean-multirun
+.PHONY: help install run train sweep mlflow-server ui dashboard test test-fast bench evidence lint clean-multirun
 
 # One `make train-<name>` and `make sweep-<name>` per file of conf/experiment/, generated below
 # (no copy per experiment). Each experiment file names its own search space
@@ -62,8 +66,18 @@ run: $(STAMP) ## Install, then the main job: a quick 12-trial collapse sweep on 
 train: $(STAMP) ## One training run: make train EXP=multiscale_vitals ARGS="trainer.epochs=5"
 	$(BIN)/python -m vaelab.train experiment=$(EXP) $(ARGS)
 
-sweep: $(STAMP) ## An Optuna sweep of EXP over its own search space (or SEARCH=...): make sweep EXP=digits ARGS="hydra.sweeper.n_trials=20"
-	$(BIN)/python -m vaelab.train --multirun experiment=$(EXP) $(if $(SEARCH),hparams_search=$(SEARCH)) $(ARGS)
+# WORKERS=N starts N ordinary sweep commands at once: they share the study (its journal file,
+# or hydra.sweeper.storage=postgresql+psycopg://...), each trains one trial at a time, and
+# make waits for all of them (Ctrl-C stops them all). README "Scaling out".
+sweep: $(STAMP) ## An Optuna sweep of EXP over its own search space (or SEARCH=...), WORKERS=N processes: make sweep EXP=digits WORKERS=2 ARGS="hydra.sweeper.n_trials=20"
+	@pids=""; for worker in $$(seq $(WORKERS)); do \
+	  $(BIN)/python -m vaelab.train --multirun experiment=$(EXP) $(if $(SEARCH),hparams_search=$(SEARCH)) $(ARGS) & \
+	  pids="$$pids $$!"; done; \
+	trap 'kill $$pids 2>/dev/null' INT TERM; status=0; \
+	for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
+
+mlflow-server: $(STAMP) ## MLflow tracking server for many workers on http://127.0.0.1:5050 (SERVER_PORT=...), PostgreSQL store SERVER_STORE=..., artifacts under $(OUT)/mlartifacts
+	$(BIN)/python -m vaelab.server --backend-store-uri '$(SERVER_STORE)' --artifacts-destination $(OUT)/mlartifacts --port $(SERVER_PORT)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 (PORT=...) over the project store multirun/mlflow.db
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(OUT)/mlflow.db --host 127.0.0.1 --port $(PORT)

@@ -432,3 +432,12 @@ def test_one_gpu_per_worker_from_a_fake_device_list():
     ]
     assert pick_device(["cuda:0"], 3) == "cuda:0"  # CUDA_VISIBLE_DEVICES=k: the one it sees
     assert pick_device([], 1) == "cpu"
+
+
+def test_the_slurm_launcher_config_submits_one_gpu_job_a_trial(compose_config):
+    cfg = compose_config(["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+    assert launcher.timeout_min == 240 and launcher.cpus_per_task == 4
+    assert launcher.submitit_folder.startswith(str(cfg.hydra.sweep.dir))
