@@ -402,23 +402,27 @@ def test_workers_on_one_host_hold_distinct_slots_and_share_its_cores(tmp_path, m
         hold_slot(n, tmp_path / "slots", tmp_path / f"ready{k}", release)
         for k, n in enumerate((1, 2))
     ]
-    deadline = time.monotonic() + 60
-    while not all((tmp_path / f"ready{k}").exists() for k in range(2)):
-        assert time.monotonic() < deadline, "the workers never took their slots"
-        time.sleep(0.05)
-    taken = sorted(int((tmp_path / f"ready{k}").read_text()) for k in range(2))
-    assert taken == [0, 1]
-    assert trials_on_this_host() == 3  # 1 + 2 trials at once
-    with worker_slot(1) as slot:
-        assert slot == 2 and trials_on_this_host() == 4
-    holders[0].kill()  # a worker killed with its slot held: the slot is free again
-    holders[0].wait()
-    assert trials_on_this_host() == 2
-    with worker_slot(1) as slot:
-        assert slot == int((tmp_path / "ready0").read_text())
-    release.touch()
-    holders[1].wait(timeout=30)
-    assert trials_on_this_host() == 1  # nobody left: a lone trial takes every core
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{k}").exists() for k in range(2)):
+            assert time.monotonic() < deadline, "the workers never took their slots"
+            time.sleep(0.05)
+        taken = sorted(int((tmp_path / f"ready{k}").read_text()) for k in range(2))
+        assert taken == [0, 1]
+        assert trials_on_this_host() == 3  # 1 + 2 trials at once
+        with worker_slot(1) as slot:
+            assert slot == 2 and trials_on_this_host() == 4
+        holders[0].kill()  # a worker killed with its slot held: the slot is free again
+        holders[0].wait()
+        assert trials_on_this_host() == 2
+        with worker_slot(1) as slot:
+            assert slot == int((tmp_path / "ready0").read_text())
+        release.touch()
+        holders[1].wait(timeout=30)
+        assert trials_on_this_host() == 1  # nobody left: a lone trial takes every core
+    finally:
+        for holder in holders:
+            holder.kill()
 
 
 def test_one_gpu_per_worker_from_a_fake_device_list():
