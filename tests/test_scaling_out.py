@@ -8,13 +8,12 @@ test gets a database of its own, dropped at the end. With CI=true a missing serv
 tests; elsewhere they skip, saying how to run them.
 """
 
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,13 +21,11 @@ import mlflow
 import optuna
 import psycopg
 import pytest
-import requests
 from optuna.trial import TrialState
-from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from vaelab.runtime import pick_device, trials_on_this_host, worker_slot
-from vaelab.server import create_database_if_missing
+from vaelab.server import serving, temporary_database
 from vaelab.sweep.storage import (
     PASSWORD_VARIABLE,
     masked,
@@ -60,68 +57,22 @@ def postgres():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{HOW_TO_RUN}\n({err})")
         pytest.skip(HOW_TO_RUN)
-    made = []
+    with contextlib.ExitStack() as databases:
 
-    def database() -> str:
-        name = f"vaelab_test_{uuid.uuid4().hex[:12]}"
-        url = make_url(SERVER).set(database=name).render_as_string(hide_password=False)
-        create_database_if_missing(url)
-        made.append(name)
-        return url
+        def database() -> str:
+            return databases.enter_context(temporary_database(SERVER, "vaelab_test"))
 
-    yield SimpleNamespace(database=database)
-    with psycopg.connect(admin_conninfo(), autocommit=True) as connection:
-        for name in made:
-            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            connection.execute(drop)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        yield SimpleNamespace(database=database)
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
     """A real `mlflow server` started by `python -m vaelab.server` (as `make mlflow-server`
     does) on a PostgreSQL backend of its own, proxying artifacts into a temporary folder."""
-    port = free_port()
     artifacts = tmp_path_factory.mktemp("mlartifacts")
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vaelab.server",
-            f"--backend-store-uri={postgres.database()}",
-            f"--artifacts-destination={artifacts}",
-            f"--port={port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its uvicorn children are stopped with it
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{uri}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if server.poll() is not None:
-            break
-        time.sleep(0.5)
-    else:
-        server.poll()
-    if server.returncode is not None or not requests.get(f"{uri}/health", timeout=1).ok:
-        log.seek(0)
-        pytest.fail(f"mlflow server did not start:\n{log.read()[-3000:]}")
-    yield SimpleNamespace(uri=uri, artifacts=artifacts)
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    log.close()
+    log_file = tmp_path_factory.mktemp("server") / "server.log"
+    with serving(postgres.database(), artifacts, log_file) as uri:
+        yield SimpleNamespace(uri=uri, artifacts=artifacts)
 
 
 def start_workers(command, n, cwd, env=None):

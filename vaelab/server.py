@@ -12,10 +12,17 @@ uvicorn worker, and leaves MLflow's job runner (GenAI jobs, unused here) off.
 """
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -72,6 +79,69 @@ def server_command(args: argparse.Namespace) -> list[str]:
         "--workers",
         "1",
     ]
+
+
+@contextlib.contextmanager
+def temporary_database(server_url: str, prefix: str = "vaelab_tmp") -> Iterator[str]:
+    """A new, empty database on a PostgreSQL server (`postgresql+psycopg://USER@HOST:PORT`),
+    dropped afterwards with every connection to it: for tests and benchmarks."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    create_database_if_missing(url)
+    admin = make_url(server_url).set(drivername="postgresql", database="postgres")
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as db:
+            db.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@contextlib.contextmanager
+def serving(backend_store_uri: str, artifacts: Path, log_file: Path) -> Iterator[str]:
+    """This module's server on a free port of 127.0.0.1, as `make mlflow-server` starts it,
+    until the block ends; yields its URI. RuntimeError with the server's log if it does not
+    answer within two minutes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "vaelab.server",
+        f"--backend-store-uri={backend_store_uri}",
+        f"--artifacts-destination={artifacts}",
+        f"--port={port}",
+    ]
+    uri = f"http://127.0.0.1:{port}"
+    with open(log_file, "w") as log_stream:
+        # A session of its own: its uvicorn children stop with it.
+        server = subprocess.Popen(
+            command, stdout=log_stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"{uri}/health"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{log_file.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
