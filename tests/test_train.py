@@ -176,6 +176,12 @@ def test_early_stopping_stops_patience_epochs_after_the_best(compose_config, tin
     at_target = client.get_metric_history(run.info.run_id, "val/loss_final_weights")
     losses = [m.value for m in sorted(at_target, key=lambda m: m.step)]
     assert losses[best] == min(losses)
+    # The best epoch's weights are reloaded and measured again: its final/* diagnostics are
+    # the ones that epoch logged (a run whose best epoch is its last reuses them as they are).
+    for name in ("loss_final_weights", "kl", "mi", "active_units", "recon", "recon_z0"):
+        history = client.get_metric_history(run.info.run_id, f"val/{name}")
+        at_best = next(m.value for m in history if m.step == best)
+        assert run.data.metrics[f"final/{name}"] == pytest.approx(at_best, rel=1e-6), name
 
 
 def write_h5(path, values, masks=None):

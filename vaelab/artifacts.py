@@ -10,6 +10,7 @@ rename), so a crash mid-write never leaves a torn one.
 import logging
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class Checkpoints:
         loss_final_weights: float,
         is_best: bool,
     ) -> None:
-        """Write last.pt, and model.pt too when this epoch is the best so far."""
+        """Write last.pt, and model.pt too when this epoch is the best so far (a copy of the
+        same bytes: the state is serialised once)."""
         state = {
             "model": model.state_dict(),
             "loss": loss_fn.state_dict(),  # the decoder's σ (learned or fixed)
@@ -74,9 +76,12 @@ class Checkpoints:
             "loss_final_weights": float(loss_final_weights),
             **self._fixed,
         }
-        _save_atomically(state, self.directory / LAST_CHECKPOINT)
+        last = self.directory / LAST_CHECKPOINT
+        _save_atomically(state, last)
         if is_best:
-            _save_atomically(state, self.best)
+            partial = self.best.with_suffix(".tmp")
+            shutil.copyfile(last, partial)
+            partial.replace(self.best)
 
     @contextmanager
     def kept_on_divergence(self) -> Iterator[None]:

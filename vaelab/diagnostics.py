@@ -30,6 +30,17 @@ MI_SAMPLES = 8  # z samples per posterior in the MI estimate: its noise shrinks 
 # The estimate costs samples x N² density terms a validation pass. Small splits, where the
 # noise matters, get all 8 samples; large ones fewer, down to one (the cost before the 8).
 MI_DENSITY_BUDGET = 2_000_000
+MI_CHUNK_ENTRIES = 1 << 22  # sample-posterior densities held at once (32 MB of float64)
+# Outside training no activation is kept for a backward pass, so an evaluation pass (IWAE's
+# decodes, encoding every sample for latents.h5) can take larger batches than training:
+# enough samples for this many input elements, never fewer than the training batch.
+EVAL_BATCH_ELEMENTS = 1 << 20  # 4 MB of float32: 16,384 digits, 201 vitals of 745 h x 7
+
+
+def eval_batch_size(batch_size: int, sample_numel: int) -> int:
+    """Samples per forward call of an evaluation pass (no gradients): the training batch, or
+    more when the samples are small."""
+    return max(batch_size, EVAL_BATCH_ELEMENTS // max(sample_numel, 1))
 
 
 def mi_samples(n: int) -> int:
@@ -108,9 +119,15 @@ def mutual_information(
     x. It is bounded by log N, reached when the posteriors do not overlap. He et al. take the
     first term in closed form (minus the entropy); here both terms are evaluated at the same
     sample, which has the same expectation but lets their noise cancel: a collapsed posterior
-    scores exactly 0 rather than 0 plus sampling noise. With few samples the estimate can dip a
-    little below 0 (another posterior may be denser at a sample than its own). The samples
-    come from a generator of their own, so evaluating never moves the training random stream.
+    scores 0 (to rounding) rather than 0 plus sampling noise. With few samples the estimate can
+    dip a little below 0 (another posterior may be denser at a sample than its own). The
+    samples come from a generator of their own, so evaluating never moves the training random
+    stream.
+
+    The squared distances of every sample to every posterior are expanded into two matrix
+    products, Σ_d z²/σ² − 2 z μ/σ² + μ²/σ², in float64, where the cancellation of the large
+    terms leaves errors of ~1e-12 nats: the (S N) x N x D tensor of differences it replaces
+    took 0.3-1 s a validation pass of 270 digits, the products ~0.02 s.
     """
     n, dim = mu.shape
     if n < 2:
@@ -123,10 +140,14 @@ def mutual_information(
     log_normaliser = -0.5 * (dim * math.log(2 * math.pi) + logvar.sum(dim=-1))  # (N,)
     log_q_z_given_x = log_normaliser.repeat(n_samples) - 0.5 * eps.pow(2).sum(dim=-1)
     inverse_var = torch.exp(-logvar)
+    scaled_mu = mu * inverse_var
+    mu_term = (mu * scaled_mu).sum(dim=-1)  # (N,)
+    rows = max(1, MI_CHUNK_ENTRIES // n)  # samples per chunk of the (S N) x N densities
     log_q_z = []
-    for start in range(0, len(z), 256):  # chunk the (S N) x N x D density: bounded memory
-        dev = z[start : start + 256, None, :] - mu[None, :, :]
-        log_density = log_normaliser[None] - 0.5 * (dev.pow(2) * inverse_var[None]).sum(dim=-1)
+    for start in range(0, len(z), rows):
+        chunk = z[start : start + rows]
+        squared = chunk.pow(2) @ inverse_var.T - 2.0 * chunk @ scaled_mu.T + mu_term
+        log_density = log_normaliser - 0.5 * squared
         log_q_z.append(torch.logsumexp(log_density, dim=1) - math.log(n))
     return float((log_q_z_given_x - torch.cat(log_q_z)).mean())
 
@@ -407,24 +428,28 @@ def importance_weighted_log_px(
     Gaussian decoder (σ fixed or learned; observed entries only) and the N(0, I) prior:
     log p(x) ≥ log (1/K) Σ w_k ≥ (1/K) Σ log w_k = the ELBO; the first tightens to log p(x) as
     K grows. This is the figure VAE papers compare models on. The samples come from a
-    generator of their own, so evaluating never moves the training random stream; decoding
-    goes `batch_size` codes at a time, whatever K is.
+    generator of their own, so evaluating never moves the training random stream. Each x draws
+    its own K x D block of that stream, in order, so the estimate does not depend on how the
+    samples are chunked. Decoding goes `eval_batch_size` codes at a time: the K = 100 codes of
+    one x, decoded 64 at a time, made this 0.2-0.7 s of a one-epoch digits trial.
     """
     model.eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     iwae_sum, elbo_sum = 0.0, 0.0
-    per_chunk = max(1, batch_size // n_importance)  # samples x whose K codes are decoded together
+    codes_per_call = eval_batch_size(batch_size, math.prod(values.shape[1:]))
+    per_chunk = max(1, codes_per_call // n_importance)  # samples x whose codes go together
     for start in range(0, len(values), per_chunk):
         x, m = values[start : start + per_chunk], masks[start : start + per_chunk]
         mu, logvar = model.encode(x)
-        eps = torch.randn((n_importance, *mu.shape), generator=generator).to(mu.device)
+        draws = [torch.randn((n_importance, mu.shape[1]), generator=generator) for _ in x]
+        eps = torch.stack(draws, dim=1).to(mu.device)  # (K, b, D), drawn x by x
         z = mu + eps * torch.exp(0.5 * logvar)  # (K, b, D)
         log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=-1)
         log_posterior = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(dim=-1)
         flat_z = z.reshape(-1, z.shape[-1])  # row k * b + i: sample k of x_i
         log_lik = []
-        for first in range(0, len(flat_z), batch_size):
-            codes = flat_z[first : first + batch_size]
+        for first in range(0, len(flat_z), codes_per_call):
+            codes = flat_z[first : first + codes_per_call]
             index = torch.arange(first, first + len(codes), device=codes.device) % len(x)
             recon, _ = model.decode(codes)
             log_lik.append(loss_fn.log_likelihood(recon, x[index], m[index]))

@@ -1,58 +1,87 @@
 """What a trained run leaves for people to read: its final diagnostics, verdict and artifacts
 (`record_final`, at the end of training), and the downstream report of its latents
-(`report_run`: probe metrics and figures, at the end of training or later through
-`python -m vaelab.evaluate run_id=...`).
+(`report_run`: probe metrics and figures, at the end of training, or later: a sweep's trials
+defer it, and `python -m vaelab.evaluate` repeats it on any stored run).
 """
 
 import logging
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric
 
 from vaelab import plots
 from vaelab.artifacts import Checkpoints, encode_all, write_branch_components, write_latents
 from vaelab.data.prepare import PreparedData
-from vaelab.diagnostics import CollapseCriteria, importance_weighted_log_px
+from vaelab.diagnostics import (
+    CollapseCriteria,
+    Diagnostics,
+    eval_batch_size,
+    importance_weighted_log_px,
+)
+from vaelab.errors import ConfigError
 from vaelab.loop import Validation
 from vaelab.models.base import GaussianVAE
 from vaelab.probes import probe_latents
-from vaelab.tracking import log_verdict
+from vaelab.tracking import log_batch, log_final
 
 log = logging.getLogger(__name__)
 
 N_RECONSTRUCTIONS = 4  # validation samples drawn against their reconstructions
+# The run's tag saying where its downstream report (eval/* metrics, figures/*.png) stands:
+# "done", "deferred" (a sweep's trial; vaelab.evaluate.evaluate_trial adds it), or "off".
+EVAL_STATUS_TAG = "eval/status"
+IN_SWEEP_CHOICES = ("deferred", "inline")
+
+
+def downstream_plan(downstream: bool, in_sweep: str, is_trial: bool) -> str:
+    """When this run's downstream report is made: "inline" at its end, "deferred" (a sweep's
+    trial with evaluation.in_sweep=deferred), or "off" (evaluation.downstream=false)."""
+    if in_sweep not in IN_SWEEP_CHOICES:
+        raise ConfigError(
+            f"evaluation.in_sweep must be one of {', '.join(IN_SWEEP_CHOICES)}, got {in_sweep!r}"
+        )
+    if not downstream:
+        return "off"
+    return "deferred" if is_trial and in_sweep == "deferred" else "inline"
 
 
 def record_final(
     model: torch.nn.Module,
     checkpoints: Checkpoints,
     best_epoch: int,
+    last: tuple[int, Diagnostics],
     validate: Validation,
     data: PreparedData,
     run_dir: Path,
     criteria: CollapseCriteria,
     iwae_samples: int,
-    downstream: bool,
+    downstream: str,
     normal_label: object,
     seed: int,
 ) -> tuple[dict[str, float], dict[str, object]]:
-    """Reload the best epoch; log its final/* metrics, the held-out log p(x), the verdict and
-    the run's artifacts. Returns the final metrics and the verdict."""
+    """The best epoch's final/* metrics, the held-out log p(x), the verdict and the run's
+    artifacts, logged; the downstream report too when `downstream` is "inline" (see
+    `downstream_plan`). Returns the final metrics and the verdict.
+
+    `last` is the last epoch trained and its validation diagnostics: when it is the best
+    epoch, the model already holds the best weights and those diagnostics are the best
+    epoch's (the same pass, seeded), so nothing is reloaded or measured again.
+    """
     device = validate.values.device
-    best = torch.load(checkpoints.best, map_location=device, weights_only=True)
-    model.load_state_dict(best["model"])
-    validate.loss_fn.load_state_dict(best["loss"])
-    val = validate(best_epoch + 1)
+    last_epoch, val = last
+    if best_epoch != last_epoch:
+        best = torch.load(checkpoints.best, map_location=device, weights_only=True)
+        model.load_state_dict(best["model"])
+        validate.loss_fn.load_state_dict(best["loss"])
+        val = validate(best_epoch + 1)
     final_metrics = {k.replace("val/", "final/", 1): v for k, v in val.metrics("val").items()}
     final_metrics["final/best_epoch"] = best_epoch
     final_metrics |= held_out_log_px(model, validate, data, iwae_samples, seed)
-    mlflow.log_metrics(final_metrics)
     verdict = val.verdict(criteria)
-    log_verdict(verdict, val.kl_per_dim.tolist())
+    status = {} if downstream == "inline" else {EVAL_STATUS_TAG: downstream}  # report_run: done
+    log_final(final_metrics, verdict, val.kl_per_dim.tolist(), status)
     log.info(
         "Best epoch %d: AU %d of %d, KL %.3f nats (MI %.3f + marginal %.3f), recon %.4g "
         "(z = 0: %.4g), verdict %s (failed: %s)",
@@ -68,10 +97,11 @@ def record_final(
         verdict["failed"],
     )
 
-    mu, logvar = encode_all(model, validate.values, validate.batch_size, device)
+    batch_size = eval_batch_size(validate.batch_size, validate.values[0].numel())
+    mu, logvar = encode_all(model, validate.values, batch_size, device)
     write_latents(run_dir / "latents.h5", mu, logvar, data.sampleset.ids, split=data.split)
     mlflow.log_artifact(str(run_dir / "latents.h5"))
-    if downstream:  # are the latents useful? (seed 000 step 3, seed 003)
+    if downstream == "inline":  # are the latents useful? (seed 000 step 3, seed 003)
         report_run(
             mlflow.MlflowClient(),
             mlflow.active_run().info.run_id,
@@ -83,6 +113,11 @@ def record_final(
             device,
             seed,
             normal_label,
+        )
+    elif downstream == "deferred":
+        log.info(
+            "Downstream evaluation deferred (evaluation.in_sweep=deferred): "
+            "vaelab.evaluate.evaluate_trial adds it to this run later"
         )
     if val.branch_recon:
         write_branch_components(run_dir / "multiscale_components.h5", model, data, device)
@@ -149,8 +184,7 @@ def report_run(
         seed=seed,
         normal_label=normal_label,
     )
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    log_batch(client, run_id, metrics, {EVAL_STATUS_TAG: "done"})
 
     figures = out_dir / "figures"
     plots.plot_kl_per_dim(kl_per_dim, figures / "kl_per_dim.png", sort=True)

@@ -7,6 +7,7 @@ fresh clone records runs with no server; `tracking.uri` points anywhere MLflow c
 import fcntl
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import mlflow
 import optuna
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +24,7 @@ from vaelab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer parameter values
+MAX_TAG_LENGTH = 5000  # tag values are cut to this (MLflow rejects more than 8000)
 CHECKPOINT_ARTIFACT = "checkpoints/model.pt"  # the best epoch of a training run
 
 
@@ -71,7 +74,7 @@ class MlflowTracker:
             try:
                 yield run.info.run_id
             except BaseException as err:
-                reason = f"{type(err).__name__}: {err}"[:5000]
+                reason = f"{type(err).__name__}: {err}"[:MAX_TAG_LENGTH]
                 if isinstance(err, optuna.TrialPruned):
                     mlflow.set_tags({"trial_state": "PRUNED", "pruned_reason": reason})
                 else:
@@ -107,7 +110,7 @@ class MlflowTracker:
                 client.delete_run(run_id)
                 run_id = oldest.info.run_id
         for key, value in tags.items():
-            client.set_tag(run_id, key, str(value)[:5000])
+            client.set_tag(run_id, key, str(value)[:MAX_TAG_LENGTH])
         log.info("MLflow parent run %s for study %r", run_id, study_name)
         return run_id
 
@@ -197,8 +200,31 @@ def log_config(cfg: DictConfig, run_dir: Path) -> None:
     mlflow.log_params(flatten_config(cfg))
 
 
-def log_verdict(verdict: dict[str, object], kl_per_dim: list[float]) -> None:
-    """The end-of-run collapse verdict as tags, and the per-dimension KL as a tag and metrics."""
-    mlflow.set_tags({f"collapse/{k}": str(v) for k, v in verdict.items()})
-    mlflow.set_tag("collapse/kl_per_dim", json.dumps([round(v, 5) for v in kl_per_dim]))
-    mlflow.log_metrics({f"final/kl_dim_{d:03d}": v for d, v in enumerate(kl_per_dim)})
+def log_final(
+    metrics: dict[str, float],
+    verdict: dict[str, object],
+    kl_per_dim: list[float],
+    tags: dict[str, str],
+) -> None:
+    """The end of the active run in one MLflow call (one round trip to a tracking server): its
+    final metrics, the collapse verdict as tags, the per-dimension KL as a tag and as metrics,
+    and further tags."""
+    metrics = metrics | {f"final/kl_dim_{d:03d}": v for d, v in enumerate(kl_per_dim)}
+    tags = {
+        **{f"collapse/{k}": str(v) for k, v in verdict.items()},
+        "collapse/kl_per_dim": json.dumps([round(v, 5) for v in kl_per_dim]),
+        **tags,
+    }
+    log_batch(mlflow.MlflowClient(), mlflow.active_run().info.run_id, metrics, tags)
+
+
+def log_batch(
+    client: mlflow.MlflowClient, run_id: str, metrics: dict[str, float], tags: dict[str, str]
+) -> None:
+    """Metrics (at step 0) and tags of a run in one call; MLflow splits it at its own limits."""
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()],
+        tags=[RunTag(name, str(value)[:MAX_TAG_LENGTH]) for name, value in tags.items()],
+    )

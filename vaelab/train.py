@@ -41,7 +41,7 @@ from vaelab.loop import (
     train_step,
     trainable_parameters,
 )
-from vaelab.report import record_final
+from vaelab.report import downstream_plan, record_final
 from vaelab.runtime import (
     resolve_device,
     seed_everything,
@@ -64,6 +64,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
     """
     check_run_config(cfg)
     objectives = objective_names(cfg.sweep.objective)
+    # The downstream report (eval/*, figures): at the run's end ("inline"), or, in a sweep's
+    # trial, later ("deferred": vaelab.evaluate.evaluate_trial); "off" when not wanted.
+    evaluation = cfg.evaluation
+    is_trial = cfg.optuna_trial.number is not None
+    downstream = downstream_plan(evaluation.downstream, evaluation.in_sweep, is_trial)
     trial = SweepTrial.from_config(cfg)  # None unless a vaelab sweep launched this run
     with build(cfg.tracking).start_run(*run_identity(cfg, trial, run_dir)) as run_id:
         if trial is not None:
@@ -145,13 +150,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
             model,
             checkpoints,
             early_stopping.best_epoch,
+            (epoch, val),
             validate,
             data,
             run_dir,
             criteria,
-            cfg.evaluation.iwae_samples,
-            cfg.evaluation.downstream,
-            cfg.evaluation.normal_label,
+            evaluation.iwae_samples,
+            downstream,
+            evaluation.normal_label,
             cfg.seed,
         )
         results = [final_metrics[name.replace("val/", "final/", 1)] for name in objectives]
