@@ -154,3 +154,9 @@ def test_the_objective_must_be_a_validation_metric():
         objective_names("train/loss")
     with pytest.raises(ConfigError, match="validation metrics"):
         objective_names([])
+
+
+def test_a_misspelt_evaluation_plan_is_found_before_any_trial(compose_config):
+    cfg = compose_config(["evaluation.in_sweep=later"])
+    with pytest.raises(ConfigError, match="evaluation.in_sweep must be one of deferred, inline"):
+        check_run_config(cfg)

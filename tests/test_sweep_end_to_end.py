@@ -31,6 +31,33 @@ def mlflow_runs(tmp_path):
     return client, parents, children
 
 
+def test_the_best_feasible_trial_gets_the_report_its_trials_deferred(sweeps, tmp_path):
+    sweeps.run(
+        "deferred",
+        "hydra.sweeper.n_trials=2",
+        "sweep/pruner=none",
+        "evaluation.downstream=true",  # the fixture turns it off; in_sweep=deferred by default
+        "sweep.kl_threshold=0.0",
+        "verdict.min_mi=-1e9",
+        "verdict.min_z_gain=-1e9",
+    )
+    study = load(tmp_path, "deferred")
+    best = study.best_trial
+    client, _, children = mlflow_runs(tmp_path)
+    by_number = {int(r.data.tags["sweep.trial_number"]): r for r in children}
+    assert {n: r.data.tags["eval/status"] for n, r in by_number.items()} == {
+        t.number: "done" if t.number == best.number else "deferred" for t in study.trials
+    }
+    evaluated = by_number[best.number]
+    assert any(name.startswith("eval/") for name in evaluated.data.metrics)
+    assert not any(
+        name.startswith("eval/") for r in children if r is not evaluated for name in r.data.metrics
+    )
+    figures = [a.path for a in client.list_artifacts(evaluated.info.run_id, "figures")]
+    assert "figures/kl_per_dim.png" in figures
+    assert study.user_attrs[f"evaluated:{best.number}"]  # claimed once, by the last worker
+
+
 def test_every_trial_is_recorded_and_the_infeasible_region_is_infeasible(sweeps, tmp_path):
     # A grid over the collapse threshold itself: with threshold 1e9 nats no trial can be
     # feasible, with 0 every trial is; the best trial must come from the feasible half. The two

@@ -108,6 +108,10 @@ CHECK_BUILDS: dict[str, dict[str, object]] = {
 }
 
 
+# When a sweep's trial makes its downstream report (evaluation.in_sweep; vaelab.report).
+IN_SWEEP_CHOICES = ("deferred", "inline")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Everything about a train config that can be known wrong before any data is read.
 
@@ -130,6 +134,11 @@ def check_run_config(cfg: DictConfig) -> None:
         if node:
             build(node, **stand_ins)
     objective_names(cfg.sweep.objective)
+    in_sweep = OmegaConf.select(cfg, "evaluation.in_sweep")
+    if in_sweep is not None and in_sweep not in IN_SWEEP_CHOICES:
+        raise ConfigError(
+            f"evaluation.in_sweep must be one of {', '.join(IN_SWEEP_CHOICES)}, got {in_sweep!r}"
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -69,6 +69,9 @@ def evaluate_trial(run_dir: str | Path, mlflow_run_id: str | None = None) -> dic
             )
     device = torch.device("cpu")
     loaded = load_checkpoint(checkpoint, device)
+    if not loaded.config["evaluation"]["downstream"]:
+        log.info("%s: evaluation.downstream=false, so no downstream report", run_dir)
+        return {}
     tracking_uri = loaded.config["tracking"]["uri"]
     client = mlflow.MlflowClient(tracking_uri)
     run_id = mlflow_run_id or run_of_folder(client, run_dir, tracking_uri)

@@ -13,6 +13,7 @@ import torch
 
 from vaelab import plots
 from vaelab.artifacts import Checkpoints, encode_all, write_branch_components, write_latents
+from vaelab.config import IN_SWEEP_CHOICES
 from vaelab.data.prepare import PreparedData
 from vaelab.diagnostics import (
     CollapseCriteria,
@@ -32,7 +33,6 @@ N_RECONSTRUCTIONS = 4  # validation samples drawn against their reconstructions
 # The run's tag saying where its downstream report (eval/* metrics, figures/*.png) stands:
 # "done", "deferred" (a sweep's trial; vaelab.evaluate.evaluate_trial adds it), or "off".
 EVAL_STATUS_TAG = "eval/status"
-IN_SWEEP_CHOICES = ("deferred", "inline")
 
 
 def downstream_plan(downstream: bool, in_sweep: str, is_trial: bool) -> str:

@@ -77,7 +77,14 @@ from vaelab.sweep.storage import (
     open_storage,
     split_password,
 )
-from vaelab.sweep.summary import NOT_COUNTED, counted, log_summary, summarise, write_results
+from vaelab.sweep.summary import (
+    NOT_COUNTED,
+    counted,
+    is_feasible,
+    log_summary,
+    summarise,
+    write_results,
+)
 
 if TYPE_CHECKING:  # for annotations only: importing it would load MLflow in every Hydra app
     from vaelab.sweep.record import MlflowSweepRecord
@@ -127,6 +134,11 @@ class VaelabOptunaSweeperConf(OptunaSweeperConf):
     # A function (dotted path, vaelab.* only) called once with one trial's config before the
     # first trial; it raises to stop the sweep. vaelab's: vaelab.config.check_run_config.
     validate: str | None = None
+    # A function (dotted path, vaelab.* only) called as f(run_dir, mlflow_run_id) on each of
+    # the `evaluate_best` best feasible trials, by the worker that ends the study: vaelab's,
+    # vaelab.evaluate.evaluate_trial, makes the downstream report its trials deferred.
+    evaluate: str | None = None
+    evaluate_best: int = 1
 
 
 ConfigStore.instance().store(
@@ -203,6 +215,8 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         max_retries: int,
         tracking: DictConfig | None,
         validate: str | None,
+        evaluate: str | None,
+        evaluate_best: int,
     ) -> None:
         # The sampler comes from Optuna or the plugin (as in the stock OptunaSweeper), never
         # from anything a config could name.
@@ -226,10 +240,20 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         self.max_retries = max_retries
         self.tracking = tracking
         self.validate = validate
+        self.evaluate = evaluate
+        self.evaluate_best = evaluate_best
 
     def sweep(self, arguments: list[str]) -> None:
-        """Check the config, then run the study up to n_trials trials, resuming what it holds."""
+        """Check the config, then run the study up to n_trials trials, resuming what it holds.
+
+        The worker's slot on this host is held from the start, so workers started together
+        count each other before any of them trains (each trial reads the count when it starts).
+        """
         assert self.config is not None and self.launcher is not None
+        with worker_slot(self._trials_at_once()) as slot:
+            self._sweep(arguments, slot)
+
+    def _sweep(self, arguments: list[str], slot: int) -> None:
         search_space, fixed_params, fixed_overrides = self._search_space(arguments)
         fixed = [*(f"{name}={value}" for name, value in fixed_params.items()), *fixed_overrides]
         self._check_job_config(search_space, fixed)
@@ -244,18 +268,18 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         if record is not None:
             parent_run_id = self._parent_run(study, record, storage_spec, search_space, created)
 
-        with worker_slot(self._trials_at_once()) as slot:
+        try:
+            handed = self._trial_keys(study.study_name, storage_spec, parent_run_id, slot)
+            self._run_trials(study, search_space, fixed_params, fixed_overrides, handed, record)
+            self._report(study, record, parent_run_id, storage_spec)
+            self._evaluate_best_trials(study)
+        except BaseException as err:
             try:
-                handed = self._trial_keys(study.study_name, storage_spec, parent_run_id, slot)
-                self._run_trials(study, search_space, fixed_params, fixed_overrides, handed, record)
-                self._report(study, record, parent_run_id, storage_spec)
-            except BaseException as err:
-                try:
-                    if isinstance(err, FailureBudgetExceeded):
-                        self._report(study, record, parent_run_id, storage_spec)  # what did run
-                finally:
-                    self._leave_nothing_running(study, record, parent_run_id, err)
-                raise
+                if isinstance(err, FailureBudgetExceeded):
+                    self._report(study, record, parent_run_id, storage_spec)  # what did run
+            finally:
+                self._leave_nothing_running(study, record, parent_run_id, err)
+            raise
         if record is not None and not _unfinished(study):
             record.close_parent(parent_run_id, "FINISHED")  # the last worker to end closes it
 
@@ -686,6 +710,38 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         if record is not None:
             record.fill_parent(parent_run_id, study, summary, results)
         log_summary(summary, results, masked(storage_spec))
+
+    def _evaluate_best_trials(self, study: optuna.Study) -> None:
+        """Call `evaluate` on the best feasible trials that have no evaluation yet, once the
+        study has no trial left to run (the last worker to end does it). A failed evaluation
+        is logged, not raised: the sweep's trials and records stand without it."""
+        if not self.evaluate or self.evaluate_best < 1 or _unfinished(study):
+            return
+        evaluate = build(OmegaConf.create({"_target_": self.evaluate, "_partial_": True}))
+        for trial in self._best_feasible(study)[: self.evaluate_best]:
+            claim = f"evaluated:{trial.number}"  # a finished trial's attrs cannot change
+            if claim in study.user_attrs:
+                continue
+            study.set_user_attr(claim, f"{socket.gethostname()}:{os.getpid()}")
+            log.info("Evaluating trial %d (%s)", trial.number, self.evaluate)
+            try:
+                evaluate(trial.user_attrs["run_dir"], trial.user_attrs.get("mlflow_run_id"))
+            except Exception as err:
+                log.warning(
+                    "Trial %d's evaluation failed: %s: %s", trial.number, type(err).__name__, err
+                )
+
+    @staticmethod
+    def _best_feasible(study: optuna.Study) -> list[FrozenTrial]:
+        """The feasible complete trials with a run folder, best first (the Pareto front of a
+        multi-objective study, in trial order)."""
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        feasible = [t for t in counted(complete) if is_feasible(t) and "run_dir" in t.user_attrs]
+        if len(study.directions) > 1:
+            front = {t.number for t in study.best_trials}
+            return [t for t in feasible if t.number in front]
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return sorted(feasible, key=lambda t: t.value, reverse=maximize)
 
     def _leave_nothing_running(
         self,
