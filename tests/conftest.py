@@ -1,5 +1,6 @@
 """Shared fixtures: compose the real configs, shrunk for the CPU."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,14 @@ TINY_MULTISCALE = [
     "model.latent_dim=4",
 ]
 TINY_MLP = [*TINY_TRAINER, *TINY_VITALS, *MLP]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_worker_slots(tmp_path_factory):
+    """Sweep workers started by this test process (and its subprocesses) hold their slots in
+    a folder of its own: pytest's other process (make test runs two) has sweeps of its own,
+    which would otherwise share this host's slots and change each trial's threads and slot."""
+    os.environ["VAELAB_WORKERS_DIR"] = str(tmp_path_factory.mktemp("worker_slots"))
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,16 @@
 - per-trial cost of one-epoch digits trials, the sweep machinery and the job's bookkeeping
   (MLflow run, data, diagnostics, log p(x), latents, checkpoints): (T(10 trials) − T(2
   trials)) / 8, on the default stores or on a given Optuna storage and MLflow tracking URI;
+- the same on PostgreSQL and an MLflow tracking server (vaelab.server), when a PostgreSQL
+  server answers at VAELAB_BENCH_POSTGRES (default postgresql+psycopg://postgres@127.0.0.1);
 - the quick sweep with and without pruning: wall time and the best feasible AU each finds;
-- two parallel trials (joblib, 2 workers) against one at a time: trials per minute.
+- one sweep worker against two asynchronous workers on one study: trials per minute;
+- the storage load test: 16 workers of trivial trials on one PostgreSQL study, trials per
+  second.
 """
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
@@ -20,10 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 
+from vaelab.server import serving, temporary_database
 from vaelab.sweep.storage import open_storage
 from vaelab.sweep.summary import is_feasible
 
@@ -44,9 +51,9 @@ NOTHING_TRIAL = [
 DIGITS_TRIAL = ["experiment=digits", "trainer.epochs=1", "sweep/pruner=none"]
 
 
-def run_sweep(root: Path, study: str, overrides: list[str]) -> float:
-    """Wall seconds of one `python -m vaelab.train --multirun` sweep writing under root."""
-    command = [
+def sweep_command(root: Path, study: str, overrides: list[str]) -> list[str]:
+    """`python -m vaelab.train --multirun` of one study, writing under root."""
+    return [
         sys.executable,
         "-m",
         "vaelab.train",
@@ -55,6 +62,11 @@ def run_sweep(root: Path, study: str, overrides: list[str]) -> float:
         f"hydra.sweeper.study_name={study}",
         *overrides,
     ]
+
+
+def run_sweep(root: Path, study: str, overrides: list[str]) -> float:
+    """Wall seconds of one sweep writing under root."""
+    command = sweep_command(root, study, overrides)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -155,22 +167,98 @@ def bench_pruning(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
     return figures
 
 
-def bench_parallel(root: Path, n_trials: int, epochs: int) -> dict[str, float]:
-    """Trials per minute, one at a time against two joblib workers sharing the cores."""
-    common = [
-        "experiment=quick",
+def bench_workers(
+    root: Path, n_trials: int, epochs: int, experiment: str = "quick"
+) -> dict[str, float]:
+    """Trials per minute of one study, with 1 and with 2 asynchronous workers (sweep
+    processes started together, as `make sweep WORKERS=2`), from the first trial's start to
+    the last one's end; each worker trains one trial at a time on its share of the cores."""
+    overrides = [
+        f"experiment={experiment}",
         "sweep/pruner=none",
         f"trainer.epochs={epochs}",
         f"hydra.sweeper.n_trials={n_trials}",
     ]
-    serial = run_sweep(root, "serial", common)
-    two_workers = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
-    parallel = run_sweep(root, "parallel", [*common, *two_workers])
+    figures = {}
+    for workers in (1, 2):
+        study = f"workers_{workers}"
+        command = sweep_command(root, study, overrides)
+        processes = [
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(workers)
+        ]
+        if any(process.wait() != 0 for process in processes):
+            raise RuntimeError(f"a worker of {study} failed: {' '.join(command)}")
+        trials = study_trials(journal(root, study), study)
+        span = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
+        figures[f"{workers} worker(s): trials/min"] = 60 * len(trials) / span.total_seconds()
+    figures["speed-up"] = figures["2 worker(s): trials/min"] / figures["1 worker(s): trials/min"]
+    return figures
+
+
+# A Hydra app whose trial does nothing: the storage and the sweep machinery are all there is.
+TRIVIAL_APP = """
+import hydra
+
+
+@hydra.main(config_path=".", config_name="trivial")
+def main(cfg):
+    return (cfg.x - 0.25) ** 2
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def bench_storage_load(root: Path, storage: str, n_workers: int, n_trials: int) -> dict[str, float]:
+    """n_workers sweep processes of trivial trials on one database study: trials per second
+    from the first trial's start to the last one's end, and how many were lost or surplus."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "app.py").write_text(TRIVIAL_APP)
+    (root / "trivial.yaml").write_text("x: 0.0\n")
+    command = [
+        sys.executable,
+        "app.py",
+        "--multirun",
+        "hydra/sweeper=vaelab_optuna",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=load",
+        f"hydra.sweeper.n_trials={n_trials}",
+        "hydra/job_logging=disabled",
+        "x=interval(-1,1)",
+    ]
+    processes = [
+        subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(n_workers)
+    ]
+    errors = [process.communicate()[1].decode() for process in processes]
+    failed = [error for process, error in zip(processes, errors, strict=True) if process.returncode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n_workers} workers failed:\n{failed[0][-2000:]}")
+    trials = study_trials(storage, "load")
+    complete = [
+        t for t in trials if t.state.name == "COMPLETE" and "not_counted" not in t.user_attrs
+    ]
+    span = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
     return {
-        "one at a time: trials/min": 60 * n_trials / serial,
-        "two parallel: trials/min": 60 * n_trials / parallel,
-        "speed-up": serial / parallel,
+        f"{n_workers} workers: trials/s": len(complete) / span.total_seconds(),
+        "complete trials": len(complete),
+        "surplus trials (closed untrained)": len(trials) - len(complete),
     }
+
+
+def postgres_database(stack: contextlib.ExitStack) -> Callable[[], str] | None:
+    """A maker of fresh databases on the PostgreSQL server at VAELAB_BENCH_POSTGRES, each
+    dropped when the stack closes; None (and a log line) when no server answers."""
+    server = os.environ.get("VAELAB_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1")
+    try:
+        check = stack.enter_context(temporary_database(server, "vaelab_bench"))
+    except Exception as err:  # psycopg's OperationalError: no server here
+        log.info("No PostgreSQL at %s (%s): its figures are skipped", server, err)
+        return None
+    del check  # it answered; each figure gets a database of its own
+    return lambda: stack.enter_context(temporary_database(server, "vaelab_bench"))
 
 
 def report(title: str, figures: dict[str, float | list[float]]) -> None:
@@ -188,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8, help="trials per measured sweep")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per quick-sweep trial")
-    parser.add_argument("--storage", help="Optuna storage URL of the digits trials' studies")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI of the digits trials' runs")
+    parser.add_argument("--load-workers", type=int, default=16, help="storage load test")
+    parser.add_argument("--load-trials", type=int, default=64, help="storage load test")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.info("load average at start: %s, cores: %d", os.getloadavg(), os.cpu_count())
@@ -197,16 +285,33 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         report("Sweep machinery (trials that do almost nothing)", bench_overhead(root, args.trials))
         report(
-            "Sweep machinery and a job's bookkeeping (one-epoch digits trials)",
-            bench_trial_cost(root, args.storage, args.tracking_uri),
+            "Sweep machinery and a job's bookkeeping (one-epoch digits trials), "
+            "journal file + SQLite",
+            bench_trial_cost(root / "embedded"),
         )
+        with contextlib.ExitStack() as servers:
+            database = postgres_database(servers)
+            if database is not None:
+                tracking = servers.enter_context(
+                    serving(database(), root / "mlartifacts", root / "mlflow-server.log")
+                )
+                report(
+                    "... the same on PostgreSQL + an MLflow tracking server",
+                    bench_trial_cost(root / "server", database(), tracking),
+                )
+                report(
+                    f"Storage load: {args.load_workers} workers of trivial trials, PostgreSQL",
+                    bench_storage_load(
+                        root / "load", database(), args.load_workers, args.load_trials
+                    ),
+                )
         report(
             f"Quick sweep, {args.trials} trials x {args.epochs} epochs: pruning",
             bench_pruning(root, args.trials, args.epochs),
         )
         report(
-            f"Quick sweep, {args.trials} trials x {args.epochs} epochs: parallel trials",
-            bench_parallel(root, args.trials, args.epochs),
+            f"Quick sweep, {args.trials} trials x {args.epochs} epochs: asynchronous workers",
+            bench_workers(root, args.trials, args.epochs),
         )
     log.info("load average at end: %s", os.getloadavg())
 

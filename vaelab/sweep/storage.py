@@ -9,6 +9,7 @@ by the sweeper before anything is logged, tagged or handed to a job (`masked`,
 `split_password`).
 """
 
+import fcntl
 import functools
 import logging
 import os
@@ -16,11 +17,13 @@ import random
 import time
 import warnings
 from pathlib import Path
+from typing import IO
 
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import BaseJournalFileLock  # the lock interface (not exported)
 from sqlalchemy.engine import URL, make_url
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,32 @@ def open_storage(spec: str, grace_seconds: float = GRACE_SECONDS) -> BaseStorage
 
 @functools.cache
 def _journal(path: str) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(path))
+    return JournalStorage(JournalFileBackend(path, lock_obj=FlockLock(path)))
+
+
+class FlockLock(BaseJournalFileLock):
+    """The journal's write lock as a blocking flock on <journal>.lock.
+
+    Optuna's default lock (a symlink) polls with a back-off of up to 1 s, so two workers
+    writing a shared journal a few dozen times a trial (user attrs, heartbeats, reports) lost
+    a third of their throughput waiting: a flock waiter wakes the moment it is free, and a
+    dead holder's lock goes with its process.
+    """
+
+    def __init__(self, journal: str) -> None:
+        self.path = f"{journal}.lock"
+        self.file: IO[str] | None = None
+
+    def acquire(self) -> bool:
+        self.file = open(self.path, "a")  # noqa: SIM115 (released in release())
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        assert self.file is not None
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
 
 
 @functools.cache
