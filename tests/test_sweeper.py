@@ -265,6 +265,35 @@ def test_an_empty_pruner_never_prunes_and_a_single_run_has_no_trial(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_retry_left_waiting_after_n_trials_is_closed_not_run_and_not_left(tmp_path):
+    # The race it stands for: a worker marks a dead trial stale (n_trials - 1 counted) and,
+    # before it enqueues the retry, another worker asks a fresh trial; the retry then waits
+    # in a study that already holds n_trials. A worker must close it, not wait on it forever.
+    journal = tmp_path / "race.journal"
+    study = optuna.create_study(study_name="race", storage=open_storage(str(journal)))
+    x = optuna.distributions.FloatDistribution(-1, 1)
+    for value in (0.1, 0.2):
+        study.add_trial(
+            optuna.create_trial(params={"x": value}, distributions={"x": x}, value=value)
+        )
+    study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": [1]})
+    result = run_app(
+        tmp_path,
+        "hydra/sweeper=vaelab_optuna",
+        f"hydra.sweeper.storage={journal}",
+        "hydra.sweeper.study_name=race",
+        "hydra.sweeper.n_trials=2",
+        "x=interval(-1,1)",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = only_study(journal).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[2].user_attrs["not_counted"].startswith("surplus")
+    assert not (tmp_path / "sweep" / "0").exists()  # closed untrained
+
+
+@pytest.mark.slow
 def test_a_plain_app_sweeps_without_mlflow_or_trial_keys(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_app(

@@ -584,9 +584,12 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         failures, last_failure = 0, None
         while True:
             self._fail_stale_trials(study, record)
-            batch_size = min(self.n_jobs, self._trials_to_go(study))
+            # A waiting trial (a dead worker's retry) is asked even when n_trials is reached:
+            # if a fresh trial took its place meanwhile, it is closed as surplus, not left.
+            waiting = study.get_trials(deepcopy=False, states=(WAITING,))
+            batch_size = min(self.n_jobs, max(self._trials_to_go(study), len(waiting)))
             if batch_size <= 0:
-                if not _unfinished(study):
+                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                     break
                 # Nothing to ask, but other workers' trials still run: stay, so that if their
                 # worker dies, this one runs them again.
