@@ -24,6 +24,7 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from vaelab.bench_sweep import start_trivial_workers
 from vaelab.runtime import pick_device, trials_on_this_host, worker_slot
 from vaelab.server import serving, temporary_database
 from vaelab.sweep.storage import (
@@ -217,40 +218,12 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(
     assert not [r for r in children if r.info.status == "RUNNING"]
 
 
-# A trial that does nothing, so the sweep machinery and the storage are all that is measured.
-TRIVIAL_APP = """
-import hydra
-
-
-@hydra.main(config_path=".", config_name="trivial")
-def main(cfg):
-    return (cfg.x - 0.25) ** 2
-
-
-if __name__ == "__main__":
-    main()
-"""
-
-
 @pytest.mark.slow
 def test_sixteen_workers_on_postgres_lose_no_trial(postgres, tmp_path):
     storage = postgres.database()
-    (tmp_path / "app.py").write_text(TRIVIAL_APP)
-    (tmp_path / "trivial.yaml").write_text("x: 0.0\n")
     n_trials = 32
-    command = [
-        sys.executable,
-        "app.py",
-        "--multirun",
-        "hydra/sweeper=vaelab_optuna",
-        f"hydra.sweeper.storage={storage}",
-        "hydra.sweeper.study_name=load",
-        f"hydra.sweeper.n_trials={n_trials}",
-        "hydra.sweep.dir=sweep",
-        "hydra/job_logging=disabled",
-        "x=interval(-1,1)",
-    ]
-    outcomes = wait_for(start_workers(command, 16, tmp_path))
+    workers = start_trivial_workers(tmp_path, storage, 16, n_trials, "hydra.sweep.dir=sweep")
+    outcomes = wait_for(workers)
     assert all(code == 0 for code, _ in outcomes), [err[-2000:] for _, err in outcomes]
     assert not [err for _, err in outcomes if "too many clients" in err]
 

@@ -211,9 +211,12 @@ if __name__ == "__main__":
 """
 
 
-def bench_storage_load(root: Path, storage: str, n_workers: int, n_trials: int) -> dict[str, float]:
-    """n_workers sweep processes of trivial trials on one database study: trials per second
-    from the first trial's start to the last one's end, and how many were lost or surplus."""
+def start_trivial_workers(
+    root: Path, storage: str, n_workers: int, n_trials: int, *overrides: str
+) -> list[subprocess.Popen]:
+    """n_workers sweep processes of TRIVIAL_APP on the study `load` in `storage`, started in
+    root at once (their stderr piped, as text); the storage load test of the bench and of
+    tests/test_scaling_out.py."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "app.py").write_text(TRIVIAL_APP)
     (root / "trivial.yaml").write_text("x: 0.0\n")
@@ -227,12 +230,21 @@ def bench_storage_load(root: Path, storage: str, n_workers: int, n_trials: int) 
         f"hydra.sweeper.n_trials={n_trials}",
         "hydra/job_logging=disabled",
         "x=interval(-1,1)",
+        *overrides,
     ]
-    processes = [
-        subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return [
+        subprocess.Popen(
+            command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(n_workers)
     ]
-    errors = [process.communicate()[1].decode() for process in processes]
+
+
+def bench_storage_load(root: Path, storage: str, n_workers: int, n_trials: int) -> dict[str, float]:
+    """n_workers sweep processes of trivial trials on one database study: trials per second
+    from the first trial's start to the last one's end, and how many were lost or surplus."""
+    processes = start_trivial_workers(root, storage, n_workers, n_trials)
+    errors = [process.communicate()[1] for process in processes]
     failed = [error for process, error in zip(processes, errors, strict=True) if process.returncode]
     if failed:
         raise RuntimeError(f"{len(failed)} of {n_workers} workers failed:\n{failed[0][-2000:]}")
