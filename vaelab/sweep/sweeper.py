@@ -376,9 +376,7 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         deadline = time.monotonic() + PARENT_WAIT_SECONDS
         while known is None and not created and time.monotonic() < deadline:
             time.sleep(0.5)
-            known = optuna.load_study(
-                study_name=study.study_name, storage=study._storage
-            ).user_attrs.get(PARENT_RUN_ATTR)
+            known = study.user_attrs.get(PARENT_RUN_ATTR)  # read from the storage each time
         tags = self._parent_tags(study, storage_spec, search_space) if known is None else {}
         parent_run_id = record.open_parent(study.study_name, tags, known)
         if parent_run_id != known:
