@@ -518,12 +518,25 @@ def test_exactly_one_source(tmp_path):
         (b"", "neither FASTA nor gzip FASTA.*found an empty file"),
         (b"ACGTACGT\n", "neither FASTA nor gzip FASTA.*expected a '>' header"),
         (b"\x89PNG\r\n\x1a\n\x00\x00", "neither FASTA nor gzip FASTA"),
-        (gzip.compress(b"just text\n"), "a gzip file, but its content is not FASTA"),
+        (gzip.compress(b"just text\n", mtime=0), "a gzip file, but its content is not FASTA"),
         (b"\x1f\x8b\x08\x00garbage", "gzip data is corrupt or truncated"),
         (b">a\n>b\nACGTACGT\n", "record 'a' has no sequence"),
         (b">a\nACGTACGT\n>b\n", "record 'b' has no sequence"),
         (b">\nACGTACGT\n", "record 1 has an empty '>' header"),
         (b">a\nACGTACGT\n>a x\nACGTACGT\n", "record id 'a' appears more than once"),
+    ],
+    # Readable ids, not the bytes: pytest-xdist's workers must collect the
+    # same names, and a gzip header holds the time it was written.
+    ids=[
+        "empty",
+        "no-header",
+        "png",
+        "gzip-of-text",
+        "corrupt-gzip",
+        "record-without-sequence",
+        "last-record-without-sequence",
+        "empty-header",
+        "duplicate-id",
     ],
 )
 def test_bad_fasta_names_file_and_problem(tmp_path, content, message):
