@@ -9,6 +9,7 @@ from matplotlib.collections import PathCollection
 
 from vaelab.plots import (
     DPI,
+    kl_threshold_of,
     plot_kl_per_dim,
     plot_latent_projection,
     plot_reconstructions,
@@ -39,9 +40,31 @@ def test_kl_per_dim_draws_one_bar_per_dimension_and_greys_those_below_the_thresh
     hatched = [bool(bar.get_hatch()) for bar in ax.patches]
     assert hatched == [False, True, False, True, False, False]  # below 0.01 nats
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "4", "5"]
-    assert ax.get_title() == "KL per latent dimension: 4 of 6 ≥ 0.01 nats"
+    # without the run's AU count, the title says which definition its count is
+    assert ax.get_title() == (
+        "KL per latent dimension\n"
+        "4 of 6 dims carry KL ≥ 0.01 nats (per-dimension KL, not active units)"
+    )
     assert ax.get_ylabel() == "KL (nats per sample)"
+    # every colour in the legend, the threshold line with its value
+    assert legend_texts(ax) == [
+        "KL ≥ 0.01 nats (4)",
+        "KL < 0.01 nats (2)",
+        "0.01 nats per dim (seed 000 threshold)",
+    ]
+    (threshold,) = ax.lines
+    assert list(threshold.get_ydata()) == [0.01, 0.01]
     assert png_size(tmp_path / "kl.png") == (6 * DPI, 3 * DPI)
+
+
+def test_kl_per_dim_names_both_counts_when_they_differ(tmp_path):
+    """AU (Var(mu) ≥ 0.01, Burda et al. 2016) and dims above 0.01 nats are two definitions:
+    a run that logs AU 17 with 26 of 32 dims above the threshold says both, by name."""
+    kl = np.r_[np.full(26, 0.5), np.full(6, 0.001)]
+    ax = plot_kl_per_dim(kl, tmp_path / "kl.png", sort=True, active_units=17).axes[0]
+    assert ax.get_title().splitlines()[1] == (
+        "17 active units (Var(μ) ≥ 0.01); 26 of 32 dims carry KL ≥ 0.01 nats"
+    )
 
 
 def test_kl_per_dim_sorted_labels_each_bar_with_its_dimension(tmp_path):
@@ -63,13 +86,58 @@ def test_training_curves_draw_au_and_kl_per_epoch_with_beta_behind(tmp_path):
     np.testing.assert_array_equal(au_line.get_ydata(), au)
     kl_line = next(line for line in bottom.lines if line.get_label() == "KL")
     np.testing.assert_allclose(kl_line.get_ydata(), kl)
-    assert "latent dim (8)" in legend_texts(top)
+    assert legend_texts(top) == ["active units", "latent dim (8)", "β (right axis)"]
     assert bottom.get_xlabel() == "epoch"
+    # seed 000's threshold by default, named and valued
+    (threshold,) = [line for line in bottom.lines if line.get_label() != "KL"]
+    assert list(threshold.get_ydata()) == [0.01, 0.01]
+    assert legend_texts(bottom) == ["KL", "verdict.min_kl = 0.01 nats", "β (right axis)"]
     beta_axes = [ax for ax in fig.axes if ax.get_ylabel() == "β (KL weight)"]
     assert len(beta_axes) == 2  # shaded behind both panels
     assert png_size(tmp_path / "sub" / "curves.png") == (7 * DPI, 5 * DPI)
     with pytest.raises(ValueError, match="one value per epoch"):
         plot_training_curves(epochs, epochs[:-1], epochs, epochs, tmp_path / "bad.png")
+
+
+def tick_labels(axis) -> list[str]:
+    """The texts of the ticks drawn inside the axis' view, after a layout pass."""
+    axis.get_figure(root=True).draw_without_rendering()
+    low, high = sorted(axis.get_view_interval())
+    return [
+        text.get_text()
+        for tick, text in zip(axis.get_ticklocs(), axis.get_ticklabels(), strict=True)
+        if low <= tick <= high
+    ]
+
+
+def test_training_curves_of_a_sweeps_trial_draw_its_threshold_on_whole_epochs(tmp_path):
+    """A trial's KL curve shows sweep.kl_threshold (read from the run's params and tags, as
+    report_run does), not seed 000's 0.01: below it the trial is infeasible."""
+    params = {"sweep.kl_threshold": "0.5", "verdict.min_kl": "0.01"}
+    trial = kl_threshold_of(params, {"sweep.study_name": "quick"})
+    assert kl_threshold_of(params, {}) == {
+        "kl_threshold": 0.01,
+        "kl_threshold_name": "verdict.min_kl",
+    }
+    assert kl_threshold_of({}, {}) == {}  # a run logged without its config: the default
+    epochs = np.arange(3)  # three epochs and 0-1 units: the default ticks would be 0.25 apart
+    fig = plot_training_curves(
+        epochs,
+        [0, 1, 1],
+        [0.1, 0.4, 0.9],
+        [0.5, 0.5, 0.5],
+        tmp_path / "curves.png",
+        **trial,
+    )
+    top, bottom = (ax for ax in fig.axes if ax.get_ylabel().startswith(("active", "raw")))
+    (threshold,) = [line for line in bottom.lines if line.get_label() != "KL"]
+    assert list(threshold.get_ydata()) == [0.5, 0.5]
+    assert threshold.get_label() == "sweep.kl_threshold = 0.5 nats"
+    assert [t.get_text() for t in bottom.texts] == ["0.5 nats"]  # on the line itself
+    # epochs and active units are counts: whole-number ticks only
+    for axis in (bottom.xaxis, top.yaxis):
+        labels = tick_labels(axis)
+        assert len(labels) >= 2 and all(text.isdigit() for text in labels)
 
 
 def test_reconstructions_of_sequences_draw_input_recon_and_branches_per_channel(tmp_path):
@@ -147,6 +215,21 @@ def test_latent_projection_colours_a_factor_on_a_named_colorbar(tmp_path):
     np.testing.assert_allclose(points.get_array(), mu[:, 0])
     many = plot_latent_projection(mu, tmp_path / "m.png", labels=np.arange(60) % 25)
     assert any(ax.get_ylabel() == "label index (of 25 classes)" for ax in many.axes)
+
+
+def test_latent_projection_colours_a_few_valued_factor_by_class_with_a_legend(tmp_path):
+    """A binary factor is two classes, not a colour bar from 0 to 1."""
+    rng = np.random.default_rng(13)
+    mu = rng.standard_normal((50, 3))
+    flag = (mu[:, 0] > 0).astype(np.float64)
+    flag[:3] = np.nan  # unknown for three samples
+    fig = plot_latent_projection(mu, tmp_path / "flag.png", factor=flag, factor_name="sepsis")
+    assert len(fig.axes) == 1  # no colorbar axes
+    ax = fig.axes[0]
+    assert legend_texts(ax) == ["0", "1", "missing"]
+    assert ax.get_legend().get_title().get_text() == "sepsis"
+    sizes = {c.get_label(): len(c.get_offsets()) for c in ax.collections}
+    assert sizes == {"0": int((flag == 0).sum()), "1": int((flag == 1).sum()), "missing": 3}
 
 
 def test_latent_projection_of_one_dimension_and_bad_arguments(tmp_path):

@@ -4,6 +4,8 @@ import json
 import math
 import subprocess
 import sys
+import urllib.parse
+from pathlib import Path
 
 import h5py
 import mlflow
@@ -81,6 +83,11 @@ def test_tiny_run_writes_a_readable_mlflow_run(compose_config, tiny, tmp_path):
     client.download_artifacts(run.info.run_id, "", str(artifacts))
     for name in ("latents.h5", "config.yaml", "checkpoints/model.pt", "multiscale_components.h5"):
         assert (artifacts / name).is_file(), name
+    # Stored once: the run folder's large files are the local artifact store's, hard-linked.
+    stored = Path(urllib.parse.urlparse(run.info.artifact_uri).path)
+    for name in ("latents.h5", "checkpoints/model.pt", "checkpoints/last.pt"):
+        assert (tmp_path / "run" / name).stat().st_ino == (stored / name).stat().st_ino, name
+        assert (stored / name).stat().st_nlink >= 2, name
 
     with h5py.File(artifacts / "latents.h5") as f:
         mu, logvar = f["mu"][:], f["logvar"][:]

@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import shutil
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,8 +80,14 @@ class Checkpoints:
         last = self.directory / LAST_CHECKPOINT
         _save_atomically(state, last)
         if is_best:
+            # A hard link, not a copy: last.pt is replaced (a new file) at the next save, so
+            # model.pt keeps this epoch's bytes, and takes no space while the two are equal.
             partial = self.best.with_suffix(".tmp")
-            shutil.copyfile(last, partial)
+            partial.unlink(missing_ok=True)
+            try:
+                os.link(last, partial)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(last, partial)
             partial.replace(self.best)
 
     @contextmanager
@@ -95,6 +102,46 @@ class Checkpoints:
             raise DivergenceError(
                 f"{err}; the last good checkpoint is in {self.directory / LAST_CHECKPOINT}"
             ) from None
+
+
+def log_artifact_once(path: Path, artifact_path: str | None = None) -> None:
+    """Log a file, or a folder's files, to the active MLflow run, keeping the bytes on disk once.
+
+    MLflow copies what it logs. Where the run's artifacts live in a local folder (the default
+    store, under paths.output_root/mlartifacts), the run folder's copy is then replaced by a
+    hard link to the stored file: both paths read the same bytes, which take their space once
+    (a 4-trial quick sweep wrote 121 MB, half of it twice). Writers here replace files
+    (write, then rename) and never change one in place, so the link never changes a logged
+    artifact. A remote store (a tracking server) keeps its own copy; the run folder keeps
+    this one, as the worker's cache.
+    """
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+        files = {file: file.relative_to(path) for file in path.rglob("*") if file.is_file()}
+    else:
+        mlflow.log_artifact(str(path), artifact_path)
+        files = {path: Path(path.name)}
+    stored_root = local_artifact_dir(mlflow.get_artifact_uri(artifact_path))
+    if stored_root is None:
+        return
+    for file, relative in files.items():
+        stored = stored_root / relative
+        try:
+            if stored.stat().st_ino != file.stat().st_ino:
+                link = file.with_name(f".{file.name}.link")
+                link.unlink(missing_ok=True)
+                os.link(stored, link)
+                link.replace(file)
+        except OSError as err:  # another filesystem, or no hard links: two copies it is
+            log.debug("%s stays a copy of %s: %s", file, stored, err)
+
+
+def local_artifact_dir(uri: str) -> Path | None:
+    """The folder behind a file: artifact URI (or a plain path); None for a remote store."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    return Path(uri) if not parsed.scheme else None
 
 
 def _save_atomically(state: dict[str, Any], path: Path) -> None:

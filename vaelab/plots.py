@@ -12,19 +12,29 @@ bbox_inches="tight").
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from vaelab.diagnostics import ACTIVE_UNIT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
 DPI = 100  # pixels per inch of every figure: a (7, 5) inch figure is 700 x 500 pixels
 # Seed 000's success criterion "KL > 0.01" applied per dimension: a dimension below it
-# carries (almost) nothing.
+# carries (almost) nothing. Not the definition of an active unit (Var_x(mu) ≥ 0.01, Burda et
+# al. 2016): a dimension can carry KL with a mean that hardly moves, so the two counts differ
+# and the KL figure names both.
 KL_DIM_THRESHOLD = 0.01
 MAX_LEGEND_CLASSES = 20  # more classes than this are coloured on a colorbar instead
+# A numeric factor with at most this many distinct values (a binary flag, a grade) is drawn
+# as classes with a legend; a colour bar would suggest values in between.
+MAX_DISCRETE_FACTOR_VALUES = 10
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:
@@ -46,11 +56,15 @@ def plot_kl_per_dim(
     path: str | Path,
     sort: bool = False,
     threshold: float = KL_DIM_THRESHOLD,
+    active_units: int | None = None,
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Bar chart of the mean KL of each latent dimension; bars below `threshold` nats in grey.
 
     `sort=True` orders bars from most to least informative, labelled by dimension index.
+    `active_units` is the run's own count (Var_x(mu) ≥ ACTIVE_UNIT_THRESHOLD, Burda et al.
+    2016), named in the title beside the count of dimensions above `threshold`: the two are
+    different definitions and need not agree.
     """
     kl = np.asarray(kl_per_dim, dtype=np.float64).ravel()
     order = np.argsort(-kl, kind="stable") if sort else np.arange(len(kl))
@@ -63,33 +77,57 @@ def plot_kl_per_dim(
     for bar, is_below in zip(bars, below, strict=True):
         if is_below:
             bar.set_hatch("//")
-    ax.axhline(
+    line = ax.axhline(
         threshold,
         color="tab:red",
         linestyle="--",
         linewidth=1,
-        label=f"{threshold:g} nats (seed 000 threshold)",
+        label=f"{threshold:g} nats per dim (seed 000 threshold)",
     )
     few = len(kl) <= 32
     ticks = [str(d) for d in order]
     ax.set_xticks(np.arange(len(kl)), ticks, fontsize=8 if few else 6, rotation=0 if few else 90)
     ax.set_xlabel("latent dimension" + (" (sorted by KL)" if sort else ""))
     ax.set_ylabel("KL (nats per sample)")
-    ax.set_title(
-        f"KL per latent dimension: {int((~below).sum())} of {len(kl)} ≥ {threshold:g} nats"
+    n_above = int((~below).sum())
+    dims = f"{n_above} of {len(kl)} dims carry KL ≥ {threshold:g} nats"
+    units = (
+        f"{active_units} active unit{'' if active_units == 1 else 's'} "
+        f"(Var(μ) ≥ {ACTIVE_UNIT_THRESHOLD:g}); {dims}"
+        if active_units is not None
+        else f"{dims} (per-dimension KL, not active units)"
     )
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"KL per latent dimension\n{units}", fontsize=10)
+    handles = [
+        Patch(facecolor="tab:blue", label=f"KL ≥ {threshold:g} nats ({n_above})"),
+        Patch(facecolor="0.6", hatch="//", label=f"KL < {threshold:g} nats ({len(kl) - n_above})"),
+        line,
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
     return _save(fig, path)
 
 
-def _beta_behind(ax: Axes, epochs: np.ndarray, beta: np.ndarray) -> None:
-    """β as a shaded area on a right-hand twin axis, drawn behind the curves of `ax`."""
+def _beta_behind(ax: Axes, epochs: np.ndarray, beta: np.ndarray) -> Patch:
+    """β as a shaded area on a right-hand twin axis, drawn behind the curves of `ax`; returns
+    a legend entry for the shading."""
     twin = ax.twinx()
     twin.fill_between(epochs, 0.0, beta, color="0.85", step="post", label="β")
     twin.set_ylabel("β (KL weight)", color="0.4")
     twin.set_ylim(0.0, max(float(np.nanmax(beta)) * 1.05, 1e-6))
     ax.set_zorder(twin.get_zorder() + 1)  # the curves above the shading
     ax.patch.set_visible(False)
+    return Patch(facecolor="0.85", label="β (right axis)")
+
+
+def kl_threshold_of(params: Mapping[str, str], tags: Mapping[str, str]) -> dict[str, Any]:
+    """The raw-KL threshold a run is judged by, from its MLflow params (its flat config) and
+    tags, as plot_training_curves' keyword arguments: a sweep's trial (tag sweep.study_name)
+    is infeasible below sweep.kl_threshold, any other run collapsed below verdict.min_kl
+    (seed 000's 0.01 nats); none for a run logged without its config."""
+    name = "sweep.kl_threshold" if "sweep.study_name" in tags else "verdict.min_kl"
+    if name not in params:
+        return {}
+    return {"kl_threshold": float(params[name]), "kl_threshold_name": name}
 
 
 def plot_training_curves(
@@ -99,9 +137,16 @@ def plot_training_curves(
     beta: Sequence[float],
     path: str | Path,
     latent_dim: int | None = None,
+    kl_threshold: float = KL_DIM_THRESHOLD,
+    kl_threshold_name: str = "verdict.min_kl",
     figsize: tuple[float, float] = (7.0, 5.0),
 ) -> Figure:
-    """Active units (top) and raw KL (bottom) per epoch, each with the β schedule behind."""
+    """Active units (top) and raw KL (bottom) per epoch, each with the β schedule behind.
+
+    `kl_threshold` is the raw KL the run is judged by, drawn and labelled with its value and
+    `kl_threshold_name`: for a sweep's trial sweep.kl_threshold (below it the trial is
+    infeasible), otherwise the collapse verdict's min_kl (seed 000's 0.01 nats).
+    """
     epochs, au, kl, beta = (np.asarray(a, dtype=np.float64) for a in (epochs, au, kl, beta))
     if not len(epochs) == len(au) == len(kl) == len(beta):
         raise ValueError(
@@ -121,21 +166,33 @@ def plot_training_curves(
         )
     top.set_ylabel("active units (count)")
     top.set_ylim(bottom=0)
-    top.legend(loc="upper left", fontsize=8)
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no half units
     top.set_title("Collapse during training (validation split), β schedule shaded")
     bottom.plot(epochs, kl, marker="o", markersize=3, color="tab:orange", label="KL")
     bottom.axhline(
-        KL_DIM_THRESHOLD,
+        kl_threshold,
         color="tab:red",
         linestyle="--",
         linewidth=1,
-        label=f"{KL_DIM_THRESHOLD:g} nats (seed 000 threshold)",
+        label=f"{kl_threshold_name} = {kl_threshold:g} nats",
+    )
+    bottom.text(
+        0.99,
+        kl_threshold,
+        f"{kl_threshold:g} nats",
+        transform=bottom.get_yaxis_transform(),
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color="tab:red",
     )
     bottom.set_ylabel("raw KL (nats per sample)")
     bottom.set_xlabel("epoch")
-    bottom.legend(loc="upper left", fontsize=8)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared with the top panel
     for ax in (top, bottom):
-        _beta_behind(ax, epochs, beta)
+        shading = _beta_behind(ax, epochs, beta)
+        handles = ax.get_legend_handles_labels()[0]
+        ax.legend(handles=[*handles, shading], loc="best", fontsize=8)
     return _save(fig, path)
 
 
@@ -200,6 +257,7 @@ def plot_reconstructions(
             if i == n_rows - 1:
                 ax.set_xlabel("feature index" if vectors else time_label, fontsize=8)
             ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole steps and features
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.suptitle("Inputs and reconstructions")
@@ -229,9 +287,10 @@ def plot_latent_projection(
 ) -> Figure:
     """Scatter of the latent means on their first two principal components.
 
-    Coloured by class `labels` (legend) or by a continuous `factor` (colorbar), not both.
-    The projection uses the raw means: inactive dimensions hardly vary, so they do not
-    steer it. Above `max_points` a seeded subsample is drawn.
+    Coloured by class `labels` (legend) or by a `factor`, not both: a factor with at most
+    MAX_DISCRETE_FACTOR_VALUES distinct values (or not numeric) as classes with a legend, a
+    continuous one on a colorbar. The projection uses the raw means: inactive dimensions
+    hardly vary, so they do not steer it. Above `max_points` a seeded subsample is drawn.
     """
     mu = np.asarray(mu, dtype=np.float64)
     if mu.ndim != 2 or len(mu) < 2:
@@ -247,24 +306,51 @@ def plot_latent_projection(
     ax = fig.add_subplot()
     style = dict(s=10, alpha=0.7, linewidths=0)
     if labels is not None:
-        labels = np.asarray(labels)[keep]
-        classes = np.unique(labels)
-        if len(classes) <= MAX_LEGEND_CLASSES:
-            cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
-            for k, cls in enumerate(classes):
-                at = labels == cls
-                ax.scatter(*scores[at].T, color=cmap(k), label=str(cls), **style)
-            ax.legend(title="label", fontsize=8, markerscale=1.5)
-        else:
-            codes = np.searchsorted(classes, labels)
-            points = ax.scatter(*scores.T, c=codes, cmap="viridis", **style)
-            fig.colorbar(points, ax=ax, label=f"label index (of {len(classes)} classes)")
+        _scatter_classes(fig, ax, scores, np.asarray(labels)[keep], "label", style)
     elif factor is not None:
-        points = ax.scatter(*scores.T, c=np.asarray(factor)[keep], cmap="viridis", **style)
-        fig.colorbar(points, ax=ax, label=factor_name)
+        values = np.asarray(factor)[keep]
+        numeric = np.issubdtype(values.dtype, np.number)
+        if not numeric or len(np.unique(values)) <= MAX_DISCRETE_FACTOR_VALUES:
+            _scatter_classes(fig, ax, scores, values, factor_name, style)
+        else:
+            points = ax.scatter(*scores.T, c=values, cmap="viridis", **style)
+            fig.colorbar(points, ax=ax, label=factor_name)
     else:
         ax.scatter(*scores.T, color="tab:blue", **style)
     ax.set_xlabel(f"PC 1 of mu ({100 * share[0]:.0f}% of variance; latent units)")
     ax.set_ylabel(f"PC 2 of mu ({100 * share[1]:.0f}% of variance; latent units)")
     ax.set_title(f"Latent means, PCA to 2-D ({len(keep)} of {len(mu)} samples)")
     return _save(fig, path)
+
+
+def _scatter_classes(
+    fig: Figure, ax: Axes, scores: np.ndarray, values: np.ndarray, title: str, style: dict
+) -> None:
+    """One colour per class with a legend titled `title`; above MAX_LEGEND_CLASSES classes,
+    the class index on a colorbar."""
+    classes = np.unique(values)  # NaN, if any, once
+    if len(classes) > MAX_LEGEND_CLASSES:
+        codes = np.searchsorted(classes, values)
+        points = ax.scatter(*scores.T, c=codes, cmap="viridis", **style)
+        fig.colorbar(points, ax=ax, label=f"{title} index (of {len(classes)} classes)")
+        return
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    for k, cls in enumerate(classes):
+        missing = isinstance(cls, float | np.floating) and np.isnan(cls)
+        at = _isnan(values) if missing else values == cls
+        ax.scatter(*scores[at].T, color=cmap(k), label=_class_name(cls), **style)
+    ax.legend(title=title, fontsize=8, markerscale=1.5)
+
+
+def _isnan(values: np.ndarray) -> np.ndarray:
+    """Which values are NaN, for arrays of any dtype."""
+    if np.issubdtype(values.dtype, np.floating):
+        return np.isnan(values)
+    return np.array([isinstance(v, float) and np.isnan(v) for v in values], dtype=bool)
+
+
+def _class_name(cls: object) -> str:
+    """A legend label: 1 rather than 1.0 for a whole float, "missing" for NaN."""
+    if isinstance(cls, float | np.floating):
+        return "missing" if np.isnan(cls) else f"{cls:g}"
+    return str(cls)

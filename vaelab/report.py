@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from vaelab import plots
-from vaelab.artifacts import Checkpoints, encode_all, write_branch_components, write_latents
+from vaelab.artifacts import (
+    Checkpoints,
+    encode_all,
+    log_artifact_once,
+    write_branch_components,
+    write_latents,
+)
 from vaelab.config import IN_SWEEP_CHOICES
 from vaelab.data.prepare import PreparedData
 from vaelab.diagnostics import (
@@ -84,7 +90,7 @@ def record_final(
     log_final(final_metrics, verdict, val.kl_per_dim.tolist(), status)
     log.info(
         "Best epoch %d: AU %d of %d, KL %.3f nats (MI %.3f + marginal %.3f), recon %.4g "
-        "(z = 0: %.4g), verdict %s (failed: %s)",
+        "(z = 0: %.4g), collapse verdict %s (failed: %s)",
         best_epoch,
         final_metrics["final/active_units"],
         model.latent_dim,
@@ -100,7 +106,7 @@ def record_final(
     batch_size = eval_batch_size(validate.batch_size, validate.values[0].numel())
     mu, logvar = encode_all(model, validate.values, batch_size, device)
     write_latents(run_dir / "latents.h5", mu, logvar, data.sampleset.ids, split=data.split)
-    mlflow.log_artifact(str(run_dir / "latents.h5"))
+    log_artifact_once(run_dir / "latents.h5")
     if downstream == "inline":  # are the latents useful? (seed 000 step 3, seed 003)
         report_run(
             mlflow.MlflowClient(),
@@ -121,8 +127,8 @@ def record_final(
         )
     if val.branch_recon:
         write_branch_components(run_dir / "multiscale_components.h5", model, data, device)
-        mlflow.log_artifact(str(run_dir / "multiscale_components.h5"))
-    mlflow.log_artifacts(str(checkpoints.directory), artifact_path="checkpoints")
+        log_artifact_once(run_dir / "multiscale_components.h5")
+    log_artifact_once(checkpoints.directory, artifact_path="checkpoints")
     mlflow.log_artifact(str(run_dir / "config.yaml"))
     return final_metrics, verdict
 
@@ -187,7 +193,14 @@ def report_run(
     log_batch(client, run_id, metrics, {EVAL_STATUS_TAG: "done"})
 
     figures = out_dir / "figures"
-    plots.plot_kl_per_dim(kl_per_dim, figures / "kl_per_dim.png", sort=True)
+    logged = client.get_run(run_id).data  # its config as params, its final/* metrics
+    au = logged.metrics.get("final/active_units")
+    plots.plot_kl_per_dim(
+        kl_per_dim,
+        figures / "kl_per_dim.png",
+        sort=True,
+        active_units=None if au is None else int(au),
+    )
     history = {
         name: sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
         for name in ("val/active_units", "val/kl", "schedule/beta")
@@ -198,6 +211,7 @@ def report_run(
             *([m.value for m in history[name]] for name in history),
             figures / "collapse_curves.png",
             latent_dim=mu.shape[1],
+            **plots.kl_threshold_of(logged.params, logged.tags),
         )
     if data.values.ndim in (2, 3):  # sequences and feature vectors; volumes have no line plot
         index = data.indices("val")[:N_RECONSTRUCTIONS]
@@ -220,9 +234,7 @@ def report_run(
                 mu, figures / f"latents_pca_{name}.png", factor=factor, factor_name=name
             )
     client.log_artifacts(run_id, str(figures), artifact_path="figures")
-    log.info(
-        "Downstream evaluation of run %s: %s",
-        run_id,
-        ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()),
-    )
+    # Every eval/* metric is on the run; the log names how many, and lists them at DEBUG.
+    log.info("Downstream evaluation of run %s: %d eval/* metrics, figures", run_id, len(metrics))
+    log.debug("eval/* of run %s: %s", run_id, ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
     return metrics
