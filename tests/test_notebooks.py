@@ -93,6 +93,23 @@ def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell():
         assert nb.metadata.kernelspec.name == "python3"
 
 
+@pytest.mark.parametrize("name", ["sweep_report.ipynb", "latent_explorer.ipynb"])
+def test_notebooks_open_the_store_under_make_s_output_root(name, monkeypatch):
+    parameters = [c for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells][1]
+    assert parameters.metadata.get("tags") == ["parameters"]
+    found = {}
+    monkeypatch.delenv("VAELAB_OUTPUT_ROOT", raising=False)
+    exec(parameters.source, found)  # run from notebooks/, as Jupyter does
+    assert found["TRACKING_URI"] == "sqlite:///../multirun/mlflow.db"
+    for root, uri in [
+        ("elsewhere", "sqlite:///../elsewhere/mlflow.db"),
+        ("/data/x", "sqlite:////data/x/mlflow.db"),
+    ]:
+        monkeypatch.setenv("VAELAB_OUTPUT_ROOT", root)  # what `make ... OUT=root` exports
+        exec(parameters.source, found)
+        assert found["TRACKING_URI"] == uri
+
+
 @pytest.mark.slow
 def test_sweep_report_runs_on_a_tiny_sweep(tiny_sweep, kernel_specs, tmp_path):
     uri = f"sqlite:///{tiny_sweep.root}/mlflow.db"

@@ -19,7 +19,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from vaelab.diagnostics import CollapseCriteria, Constraint, sweep_constraints
-from vaelab.sweep.plots import sweep_figures
+from vaelab.sweep.plots import TRIALS_GID, sweep_figures
 from vaelab.sweep.record import MlflowSweepRecord
 from vaelab.sweep.storage import open_storage
 from vaelab.sweep.summary import is_feasible, log_summary, summarise, write_results
@@ -80,9 +80,17 @@ def run_trial(study, journal, outcome, beta, au, state=TrialState.COMPLETE):
     constraints = sweep_constraints(metrics, KL_THRESHOLD, CollapseCriteria())
     failed = "none" if outcome is HEALTHY else "mi"
     verdict = {"verdict": "healthy" if failed == "none" else "collapsed", "failed": failed}
-    SweepTrial.from_config(cfg).finish(metrics, verdict, constraints)
+    trial = SweepTrial.from_config(cfg)
+    trial.start(
+        f"run-{asked.number}", tmp_run_dir(journal, asked.number), f"hand-{asked.number:04d}"
+    )
+    trial.finish(metrics, verdict, constraints, latent_dim=8)
     study.tell(asked, au if state == TrialState.COMPLETE else None, state=state)
     return study.trials[asked.number]
+
+
+def tmp_run_dir(journal, number):
+    return journal.parent / "runs" / str(number)
 
 
 @pytest.fixture
@@ -119,6 +127,13 @@ def test_a_kl_above_its_threshold_that_carries_no_information_is_infeasible_nami
     assert attrs["constraint_mi"] == pytest.approx(0.1)
     assert attrs["collapse_verdict"] == "collapsed"
     assert attrs["collapse_failed"] == "mi"
+    # why, in one line: the broken constraint first, each with what the trial measured
+    assert attrs["feasibility"] == (
+        "infeasible: mi broken: I(x; z) ≥ 0.1 nats (found 0); kl holds: raw KL ≥ 0.5 nats "
+        "(found 2); decoder_uses_z holds: recon ≤ 0.98 × recon at z = 0 (the decoder uses z) "
+        "(found 0.5 against 1)"
+    )
+    assert (attrs["mlflow_run_name"], attrs["latent_dim"]) == ("hand-0000", 8)
     assert (attrs["val_kl"], attrs["val_mi"], attrs["val_kl_marginal"]) == (2.0, 0.0, 2.0)
     assert (attrs["val_recon"], attrs["val_recon_z0"], attrs["val_active_units"]) == (
         0.5,
@@ -221,19 +236,35 @@ def test_the_summary_lists_exactly_the_constraints_each_infeasible_trial_broke(
     results = write_results(summary, tmp_path / "sweep")
     assert OmegaConf.to_container(OmegaConf.load(results)) == summary
 
+    where = {"Results": str(results), "MLflow UI": "make ui OUT=x  then open http://..."}
     with caplog.at_level(logging.INFO, logger="vaelab.sweep.summary"):
-        log_summary(summary, results, "hand.journal")
-    said = caplog.messages
-    assert said[0] == (
-        "Sweep 'hand': 1 feasible, 3 of 4 infeasible: kl 1, mi 2, decoder_uses_z 1; "
-        "1 pruned, 1 failed (by state {'COMPLETE': 4, 'PRUNED': 1, 'FAIL': 1})"
-    )
-    assert "Best feasible trial 0: value 4.0, params {'schedule.beta': 0.1}" in said
-    assert (
-        "  infeasible trial 3: broke mi (I(x; z) ≥ 0.1 nats); decoder_uses_z "
-        "(recon ≤ 0.98 × recon at z = 0 (the decoder uses z)); values [0.0], "
-        "params {'schedule.beta': 4.0}"
-    ) in said
+        log_summary(summarise(mixed_study, ["val/active_units"]), where)
+    assert caplog.messages == [
+        "Sweep 'hand': 6 trials: 1 feasible, 3 infeasible (kl 1, mi 2, decoder_uses_z 1), "
+        "1 pruned, 1 failed",
+        "Feasible means every constraint holds: kl (raw KL ≥ 0.5 nats), mi (I(x; z) ≥ 0.1 "
+        "nats), decoder_uses_z (recon ≤ 0.98 × recon at z = 0 (the decoder uses z))",
+        "Objective: maximize val/active_units; feasible trials range 4 to 4",
+        "Best feasible: trial 0, run hand-0000 (id run-0): val/active_units 4 of 8 latent dims",
+        "  params: schedule.beta=0.1",
+        "Infeasible: trial 1 broke kl; trial 2 broke mi; trial 3 broke mi, decoder_uses_z",
+        f"Results:   {results}",
+        "MLflow UI: make ui OUT=x  then open http://...",
+    ]
+
+
+def test_the_end_summary_stays_short_with_many_infeasible_trials(tmp_path, caplog):
+    study, journal = new_study(tmp_path)
+    for beta in [0.5 + i for i in range(9)]:
+        run_trial(study, journal, KL_BELOW_THRESHOLD, beta=beta, au=1.0)
+    with caplog.at_level(logging.INFO, logger="vaelab.sweep.summary"):
+        log_summary(summarise(study), {"Results": "r.yaml", "Dashboard": "make dashboard"})
+    said = [r.getMessage() for r in caplog.records if r.name == "vaelab.sweep.summary"]
+    assert len(said) <= 15
+    assert said[0].startswith("Sweep 'hand': 9 trials: 0 feasible, 9 infeasible (kl 9)")
+    assert "No feasible trial: every complete trial broke a constraint" in said
+    listed = next(line for line in said if line.startswith("Infeasible:"))
+    assert listed.count("broke kl") == 6 and listed.endswith("3 more in optimization_results.yaml")
 
 
 def test_a_trial_without_constraints_is_feasible():
@@ -253,12 +284,13 @@ def test_a_trial_without_constraints_is_feasible():
 
 
 # --- the figures ---------------------------------------------------------------------------
+# (each figure's readability, ticks, scales and dodged markers: tests/test_sweep_plots.py)
 
-CATEGORIES = {  # legend label: the trials drawn in it (the pruned trial 4 too)
+CATEGORIES = {  # legend label: the trials drawn in it (the pruned trial 4 too, hollow)
     "feasible (1)": [0],
-    "broke kl (2)": [1, 4],
-    "broke mi (1)": [2],
-    "broke mi + decoder_uses_z (1)": [3],
+    "infeasible: broke kl (2)": [1, 4],
+    "infeasible: broke mi (1)": [2],
+    "infeasible: broke mi + decoder_uses_z (1)": [3],
 }
 TRIAL_KL = {0: 2.0, 1: 0.3, 2: 2.0, 3: 1.0, 4: 0.3}
 TRIAL_MI = {0: 1.5, 1: 0.25, 2: 0.0, 3: 0.0, 4: 0.25}
@@ -267,12 +299,20 @@ TRIAL_BETA = {0: 0.1, 1: 1.0, 2: 0.5, 3: 4.0, 4: 8.0}
 
 
 def drawn(ax) -> dict[str, list[tuple[float, float]]]:
-    """Each scatter's label and the points it drew."""
-    return {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}
+    """The points drawn for each category, sorted: a category may take several scatters
+    (hollow for pruned trials, one per sideways offset of markers that would overlap)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for c in ax.collections:
+        if c.get_gid() == TRIALS_GID:
+            points.setdefault(c.get_label(), []).extend(tuple(p) for p in c.get_offsets())
+    return {label: sorted(p) for label, p in points.items()}
 
 
 def expected(x: dict, y: dict) -> dict[str, list[tuple[float, float]]]:
-    return {label: [(x[n], y[n]) for n in numbers] for label, numbers in CATEGORIES.items()}
+    return {
+        label.split(" (")[0].removeprefix("infeasible: "): sorted((x[n], y[n]) for n in numbers)
+        for label, numbers in CATEGORIES.items()
+    }
 
 
 def legend_texts(legend) -> list[str]:
@@ -282,22 +322,23 @@ def legend_texts(legend) -> list[str]:
 def test_the_figures_draw_each_trial_once_in_the_category_of_what_it_broke(mixed_study):
     figures = sweep_figures(mixed_study)
     assert list(figures) == ["au_vs_params", "feasibility", "history"]
+    pruned = "pruned: hollow marker (1)"
 
     (au,) = figures["au_vs_params"].axes
-    assert au.get_xlabel() == "schedule.beta" and au.get_xscale() == "log"
+    assert au.get_xlabel().startswith("schedule.beta") and au.get_xscale() == "log"
     assert drawn(au) == expected(TRIAL_BETA, TRIAL_AU)
     (legend,) = figures["au_vs_params"].legends
-    assert legend_texts(legend) == list(CATEGORIES)
+    assert legend_texts(legend) == [*CATEGORIES, pruned]
 
     au_kl, mi_kl = figures["feasibility"].axes[:2]
     assert drawn(au_kl) == expected(TRIAL_KL, TRIAL_AU)
     assert drawn(mi_kl) == expected(TRIAL_KL, TRIAL_MI)
     (legend,) = figures["feasibility"].legends
-    assert legend_texts(legend) == [*CATEGORIES, "sweep.kl_threshold"]
-    (threshold,) = [line for line in au_kl.lines if line.get_label() == "sweep.kl_threshold"]
+    assert legend_texts(legend) == [*CATEGORIES, pruned, "sweep.kl_threshold = 0.5 nats"]
+    (threshold,) = [line for line in au_kl.lines if line.get_label().startswith("sweep.kl")]
     assert list(threshold.get_xdata()) == [KL_THRESHOLD, KL_THRESHOLD]
-    assert legend_texts(mi_kl.get_legend()) == ["MI = KL", "MI floor"]
-    floor = next(line for line in mi_kl.lines if line.get_label() == "MI floor")
+    assert legend_texts(mi_kl.get_legend()) == ["MI = KL", "MI floor = 0.1 nats"]
+    floor = next(line for line in mi_kl.lines if line.get_label().startswith("MI floor"))
     assert list(floor.get_ydata()) == [pytest.approx(0.1)] * 2
     assert au_kl.get_xlabel() == mi_kl.get_xlabel() == "validation KL (nats per sample)"
     assert mi_kl.get_ylabel() == "validation I(x; z) (nats)"
@@ -306,11 +347,12 @@ def test_the_figures_draw_each_trial_once_in_the_category_of_what_it_broke(mixed
     numbers = {n: n for n in TRIAL_AU}
     assert drawn(history) == expected(numbers, TRIAL_AU)
     (legend,) = figures["history"].legends
-    assert legend_texts(legend) == [*CATEGORIES, "best feasible so far"]
+    assert legend_texts(legend) == [*CATEGORIES, pruned, "best feasible so far"]
 
     # one colour and one marker per category, blue for feasible
-    colours = [to_hex(c.get_facecolor()[0]) for c in au.collections]
-    markers = [c.get_paths()[0].vertices.tobytes() for c in au.collections]
+    categories = legend.legend_handles[: len(CATEGORIES)]
+    colours = [to_hex(handle.get_markerfacecolor()) for handle in categories]
+    markers = [handle.get_marker() for handle in categories]
     assert colours[0] == to_hex("tab:blue")
     assert len(set(colours)) == len(set(markers)) == len(CATEGORIES)
 
@@ -325,7 +367,7 @@ def test_a_sweep_of_the_threshold_itself_draws_no_single_threshold(tmp_path):
         other.set_user_attr(name.replace("final/", "val_"), value)
     study.tell(other, 4.0)
     au_kl = sweep_figures(study)["feasibility"].axes[0]
-    assert not [line for line in au_kl.lines if line.get_label() == "sweep.kl_threshold"]
+    assert not [line for line in au_kl.lines if line.get_label().startswith("sweep.kl")]
     assert "not one threshold" in au_kl.get_title()
 
 
@@ -429,6 +471,4 @@ def test_a_sweep_writes_and_says_which_constraints_its_trials_broke(tmp_path):
     assert results["best_params"] == {"kl": 2.0, "mi": 1.0} and results["best_value"] == 3.0
     assert results["infeasible_by_constraint"] == {"kl": 2, "mi": 2, "decoder_uses_z": 0}
     said = result.stdout + result.stderr
-    assert "1 feasible, 3 of 4 infeasible: kl 2, mi 2, decoder_uses_z 0; 0 pruned, 0 failed" in (
-        said
-    )
+    assert "4 trials: 1 feasible, 3 infeasible (kl 2, mi 2), 0 pruned, 0 failed" in said

@@ -236,7 +236,8 @@ def test_a_job_reaches_its_trial_reports_is_pruned_and_records_the_constraint(tm
     }
     verdict = {"verdict": "collapsed", "failed": "decoder_uses_z_gain_at_least_0.02"}
     constraints = sweep_constraints(metrics, 1.0, CollapseCriteria())
-    assert trial.finish(metrics, verdict, constraints) is None
+    feasible, why = trial.finish(metrics, verdict, constraints)
+    assert not feasible and why.startswith("infeasible: kl broken: raw KL ≥ 1 nats (found 0.25)")
 
     (frozen,) = optuna.load_study(study_name="unit", storage=open_storage(str(journal))).trials
     assert frozen.constraints == {

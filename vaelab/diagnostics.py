@@ -76,6 +76,13 @@ class Constraint:
     name: str
     value: float
     meaning: str  # what must hold, with its threshold, for people reading why a trial failed
+    found: str = ""  # what the trial measured, e.g. "raw KL 0.31 nats"
+
+    def __str__(self) -> str:
+        """e.g. "kl holds: raw KL ≥ 0.5 nats (found 0.93)", or "kl broken: ..."."""
+        state = "holds" if self.value <= 0 else "broken"
+        found = f" (found {self.found})" if self.found else ""
+        return f"{self.name} {state}: {self.meaning}{found}"
 
 
 def sweep_constraints(
@@ -88,12 +95,13 @@ def sweep_constraints(
     recon, recon_z0 = final_metrics["final/recon"], final_metrics["final/recon_z0"]
     keep = 1.0 - criteria.min_z_gain
     return [
-        Constraint("kl", kl_threshold - kl, f"raw KL ≥ {kl_threshold:g} nats"),
-        Constraint("mi", criteria.min_mi - mi, f"I(x; z) ≥ {criteria.min_mi:g} nats"),
+        Constraint("kl", kl_threshold - kl, f"raw KL ≥ {kl_threshold:g} nats", f"{kl:.3g}"),
+        Constraint("mi", criteria.min_mi - mi, f"I(x; z) ≥ {criteria.min_mi:g} nats", f"{mi:.3g}"),
         Constraint(
             "decoder_uses_z",
             recon - keep * recon_z0,
             f"recon ≤ {keep:g} × recon at z = 0 (the decoder uses z)",
+            f"{recon:.4g} against {recon_z0:.4g}",
         ),
     ]
 

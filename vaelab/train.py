@@ -70,9 +70,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
     is_trial = cfg.optuna_trial.number is not None
     downstream = downstream_plan(evaluation.downstream, evaluation.in_sweep, is_trial)
     trial = SweepTrial.from_config(cfg)  # None unless a vaelab sweep launched this run
-    with build(cfg.tracking).start_run(*run_identity(cfg, trial, run_dir)) as run_id:
+    run_name, tags, parent_run_id = run_identity(cfg, trial, run_dir)
+    with build(cfg.tracking).start_run(run_name, tags, parent_run_id) as run_id:
         if trial is not None:
-            trial.start(run_id, run_dir)
+            trial.start(run_id, run_dir, run_name)
         log_config(cfg, run_dir)
 
         # --- seed, device, threads ---------------------------------------------------------
@@ -164,7 +165,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
         if trial is not None:
             constraints = sweep_constraints(final_metrics, cfg.sweep.kl_threshold, criteria)
             mlflow.log_metrics({f"final/constraint_{c.name}": c.value for c in constraints})
-            trial.finish(final_metrics, verdict, constraints)
+            feasible, why = trial.finish(final_metrics, verdict, constraints, model.latent_dim)
+            # Feasible is the sweep's judgement (its KL threshold), the verdict the run's own
+            # collapse checks (conf verdict:): both go on the run, for the runs table.
+            mlflow.log_metric("final/feasible", float(feasible))
+            mlflow.set_tags({"sweep.feasible": str(feasible).lower(), "sweep.feasibility": why})
             if pruned_at is not None:
                 raise optuna.TrialPruned(f"pruned by the sweep's pruner after epoch {pruned_at}")
             mlflow.set_tag("trial_state", "COMPLETE")

@@ -56,9 +56,11 @@ def constraint_names(trials: list[FrozenTrial]) -> list[str]:
     return list(dict.fromkeys(name for t in trials for name in t.constraints))
 
 
-def summarise(study: optuna.Study) -> dict[str, Any]:
-    """Counts by state, the best trial(s) and, in a constrained study, the feasible set and
-    the infeasible trials with the constraints each broke.
+def summarise(study: optuna.Study, objective_names: list[str] | None = None) -> dict[str, Any]:
+    """Counts by state, the objectives (named by the study's metric names, else
+    `objective_names`) and the range of their value, the best trial(s) and, in a constrained
+    study, what each constraint means, the feasible set and the infeasible trials with the
+    constraints each broke.
 
     With constraints on any completed trial the best is the best feasible trial (None if no
     trial is feasible); without, it is simply the best trial, as in the stock plugin.
@@ -80,6 +82,15 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
             {"number": t.number, "params": t.params, "values": t.values} for t in study.best_trials
         ]
     summary["study"] = study.study_name
+    directions = study.directions
+    names = (
+        study.metric_names or objective_names or [f"objective {i}" for i in range(len(directions))]
+    )
+    summary["objectives"] = {
+        name: direction.name.lower() for name, direction in zip(names, directions, strict=True)
+    }
+    if len(study.directions) == 1 and (ranked := candidates if constrained else done):
+        summary["objective_range"] = [min(t.value for t in ranked), max(t.value for t in ranked)]
     summary["trials"] = {
         state.name: n for state in TrialState if (n := sum(t.state == state for t in trials))
     }
@@ -99,6 +110,11 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
             else None
         )
     if constrained:
+        summary["constraint_meanings"] = {
+            name: meaning
+            for t in done
+            for name, meaning in t.user_attrs.get("constraint_meanings", {}).items()
+        }
         summary["feasible"] = [
             {
                 "number": t.number,
@@ -140,60 +156,98 @@ def write_results(summary: dict[str, Any], sweep_dir: Path) -> Path:
     return results
 
 
-def log_summary(summary: dict[str, Any], results: Path, storage: str) -> None:
-    """Say how the sweep went, what won, which constraints the others broke, and where to look."""
-    log.info("Sweep %r: %s", summary["study"], _counts(summary))
+def log_summary(summary: dict[str, Any], where: dict[str, str]) -> None:
+    """The sweep's answer in at most ~15 lines: the counts, what feasible means, the objective
+    and its range, the best feasible trial with its run, the infeasible trials by what they
+    broke, and `where` ({label: path, command or URL}, one line each). The per-trial detail
+    is in optimization_results.yaml and at DEBUG."""
+    lines = [f"Sweep {summary['study']!r}: {_counts(summary)}"]
+    if meanings := summary.get("constraint_meanings"):
+        holds = ", ".join(f"{name} ({meaning})" for name, meaning in meanings.items())
+        lines.append(f"Feasible means every constraint holds: {holds}")
+    objectives = summary.get("objectives", {})
+    said = ", ".join(f"{direction} {name}" for name, direction in objectives.items())
+    if "objective_range" in summary:
+        low, high = summary["objective_range"]
+        of = "feasible" if "feasible" in summary else "complete"
+        said += f"; {of} trials range {_number(low)} to {_number(high)}"
+    if said:
+        lines.append(f"Objective: {said}")
     if "solutions" in summary:
-        for t in summary["solutions"]:
-            log.info("Pareto trial %d: values %s, params %s", t["number"], t["values"], t["params"])
+        front = "; ".join(
+            f"trial {t['number']} ({', '.join(_number(v) for v in t['values'])})"
+            for t in summary["solutions"][:MAX_LISTED]
+        )
+        lines.append(f"Pareto front of {len(summary['solutions'])}: {front}")
     elif summary["best"]:
-        best = summary["best"]
-        log.info(
-            "Best%s trial %d: value %s, params %s",
-            " feasible" if "feasible" in summary else "",
-            best["number"],
-            best["value"],
-            best["params"],
-        )
+        lines.extend(_best_lines(summary["best"], list(objectives)))
     elif "feasible" in summary:
-        log.info("No feasible trial: every completed trial broke a constraint")
+        lines.append("No feasible trial: every complete trial broke a constraint")
     else:
-        log.info("No completed trial")
-    for t in summary.get("feasible", []):
-        log.info(
-            "  feasible trial %d: values %s, constraints %s, params %s",
-            t["number"],
-            t["values"],
-            t["constraints"],
-            t["params"],
+        lines.append("No complete trial")
+    if infeasible := summary.get("infeasible"):
+        listed = "; ".join(
+            f"trial {t['number']} broke {', '.join(t['broke'])}" for t in infeasible[:MAX_LISTED]
         )
-    for t in summary.get("infeasible", []):
-        log.info(
-            "  infeasible trial %d: broke %s; values %s, params %s",
-            t["number"],
-            "; ".join(f"{name} ({meaning})" for name, meaning in t["broke"].items()),
-            t["values"],
-            t["params"],
+        more = len(infeasible) - MAX_LISTED
+        lines.append(
+            f"Infeasible: {listed}" + (f"; {more} more in {RESULTS_FILE}" if more > 0 else "")
         )
-    for number, why in summary.get("not_counted", {}).items():
-        log.info("  trial %d does not count toward n_trials: %s", number, why)
-    log.info("Results: %s; Optuna storage %s", results, storage)
+    if not_counted := summary.get("not_counted"):
+        lines.append(f"Not counted toward n_trials: {len(not_counted)} (why: {RESULTS_FILE})")
+    width = max(map(len, where), default=0)
+    lines.extend(f"{label + ':':<{width + 1}} {text}" for label, text in where.items())
+    for line in lines:
+        log.info("%s", line)
+    for t in summary.get("feasible", []) + summary.get("infeasible", []):
+        log.debug("trial %d: %s", t["number"], t)
+
+
+# Trials named on one console line of the end summary; the rest are in the results file.
+MAX_LISTED = 6
+
+
+def _best_lines(best: dict[str, Any], objectives: list[str]) -> list[str]:
+    """The best trial, its MLflow run and value ("32 of 32 latent dims" for active units),
+    and its parameters."""
+    attrs = best["user_attrs"]
+    run = ""
+    if "mlflow_run_id" in attrs:
+        name = attrs.get("mlflow_run_name")
+        run = f", run {name + ' ' if name else ''}(id {attrs['mlflow_run_id']})"
+    value = _number(best["value"])
+    if objectives and objectives[0].endswith("active_units") and "latent_dim" in attrs:
+        value += f" of {attrs['latent_dim']} latent dims"
+    name = objectives[0] if objectives else "value"
+    params = ", ".join(f"{k}={_number(v)}" for k, v in best["params"].items())
+    return [f"Best feasible: trial {best['number']}{run}: {name} {value}", f"  params: {params}"]
+
+
+def _number(value: Any) -> str:
+    """A value for people: 4 significant digits for floats, anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _counts(summary: dict[str, Any]) -> str:
     """The trials counted: feasible, infeasible by broken constraint, pruned, failed.
 
-    e.g. "1 feasible, 3 of 4 infeasible: kl 1, mi 3, decoder_uses_z 2; 1 pruned, 0 failed
-    (by state {'COMPLETE': 4, 'PRUNED': 1})"; a trial may break several constraints.
+    e.g. "6 trials: 1 feasible, 3 infeasible (kl 1, mi 2, decoder_uses_z 1), 1 pruned,
+    1 failed"; a trial may break several constraints, so the broken counts may add up to more.
     """
     by_state = summary["trials"]
+    total = sum(by_state.values())
     complete = by_state.get("COMPLETE", 0)
     ended = f"{by_state.get('PRUNED', 0)} pruned, {by_state.get('FAIL', 0)} failed"
+    running = by_state.get("RUNNING", 0) + by_state.get("WAITING", 0)
+    ended += f", {running} still running" if running else ""
     if "feasible" not in summary:
-        return f"{complete} complete (no constraints), {ended} (by state {by_state})"
-    broken = ", ".join(f"{name} {n}" for name, n in summary["infeasible_by_constraint"].items())
+        return f"{total} trials: {complete} complete (no constraints), {ended}"
+    broken = ", ".join(
+        f"{name} {n}" for name, n in summary["infeasible_by_constraint"].items() if n
+    )
+    infeasible = len(summary["infeasible"])
     return (
-        f"{len(summary['feasible'])} feasible, "
-        f"{len(summary['infeasible'])} of {complete} infeasible: {broken}; "
-        f"{ended} (by state {by_state})"
+        f"{total} trials: {len(summary['feasible'])} feasible, {infeasible} infeasible"
+        + (f" ({broken})" if broken else "")
+        + f", {ended}"
     )

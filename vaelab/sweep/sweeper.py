@@ -39,6 +39,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -66,7 +67,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from vaelab.config import build
+from vaelab.config import build, objective_names
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.runtime import pid_alive, worker_slot
 from vaelab.sweep.storage import (
@@ -90,6 +91,31 @@ if TYPE_CHECKING:  # for annotations only: importing it would load MLflow in eve
     from vaelab.sweep.record import MlflowSweepRecord
 
 log = logging.getLogger(__name__)
+
+
+class _HandedKeysHidden(logging.Filter):
+    """Drops the optuna_trial.* overrides from the launchers' "#3 : schedule.beta=0.1 ..." lines.
+
+    Hydra's launchers log each job's overrides but hide only hydra.* keys; the trial's study,
+    storage, parent run and slot are the sweeper's plumbing (each job's .hydra/overrides.yaml
+    keeps them), and they made every launch line several hundred characters long.
+    """
+
+    HANDED = re.compile(r"\s*optuna_trial\.\w+=('[^']*'|\"[^\"]*\"|\S+)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "optuna_trial." in record.msg:
+            record.msg = self.HANDED.sub("", record.msg)
+        return True
+
+
+# The loggers of the launchers vaelab configures (basic, joblib, submitit).
+for _launcher in (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+):
+    logging.getLogger(_launcher).addFilter(_HandedKeysHidden())
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # the study's user attr naming its MLflow parent run
@@ -271,8 +297,9 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         try:
             handed = self._trial_keys(study.study_name, storage_spec, parent_run_id, slot)
             self._run_trials(study, search_space, fixed_params, fixed_overrides, handed, record)
-            self._report(study, record, parent_run_id, storage_spec)
+            # The best trial's evaluation first: the summary is the last thing a sweep says.
             self._evaluate_best_trials(study)
+            self._report(study, record, parent_run_id, storage_spec)
         except BaseException as err:
             try:
                 if isinstance(err, FailureBudgetExceeded):
@@ -342,6 +369,14 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
             # sampler would propose what theirs did, trial for trial: it draws a seed of its own.
             self.sampler.reseed_rng()
             study = optuna.load_study(study_name=study_name, storage=storage, sampler=self.sampler)
+        # The objectives by name (optuna-dashboard, trials_dataframe and plots say "Objective 0"
+        # without): vaelab's app names them in sweep.objective; other apps have no such key.
+        objective = OmegaConf.select(self.config, "sweep.objective")
+        names = objective_names(objective) if objective is not None else None
+        if names and len(names) == len(directions) and study.metric_names != names:
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)
         log.info(
             "Study %r in %s: %d trials finished already, n_trials %d; sampler %s, directions %s",
             study_name,
@@ -682,7 +717,9 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
                 reason = f"objective is not finite: {values}"
             if reason is None:
                 _tell_study(study, trial, TrialState.COMPLETE, values)
-                log.info("Trial %d complete: %s", trial.number, values)
+                log.info(
+                    "Trial %d complete: %s", trial.number, ", ".join(f"{v:.4g}" for v in values)
+                )
                 return TrialState.COMPLETE
         else:
             error = ret._return_value  # JobReturn.return_value re-raises it; the sweep must not
@@ -710,7 +747,42 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         results = write_results(summary, Path(self.config.hydra.sweep.dir))
         if record is not None:
             record.fill_parent(parent_run_id, study, summary, results)
-        log_summary(summary, results, masked(storage_spec))
+        log_summary(summary, self._where_to_look(study, record, storage_spec, results))
+
+    def _where_to_look(
+        self,
+        study: optuna.Study,
+        record: "MlflowSweepRecord | None",
+        storage_spec: str,
+        results: Path,
+    ) -> dict[str, str]:
+        """The end summary's last lines: the results file, the figures, and ready-to-paste
+        commands with their URLs for the MLflow UI and optuna-dashboard. The commands name
+        this sweep's output root (make's OUT=), so a sweep written elsewhere opens as it is."""
+        where = {"Results": str(results)}
+        if (results.parent / "plots").is_dir():
+            where["Figures"] = str(results.parent / "plots")
+        # <root>/optuna/<study>.journal and sqlite:///<root>/mlflow.db are the layout of
+        # conf/paths: `make dashboard` and `make ui` open them with OUT=<root>.
+        journal_dir = Path(self.journal_dir)
+        root = journal_dir.parent if journal_dir.name == "optuna" else None
+        if record is not None:
+            ui_url = f"http://127.0.0.1:5000/#/experiments/{record.tracker._experiment_id()}"
+            if record.uri.startswith(("http://", "https://")):
+                where["MLflow UI"] = ui_url.replace("http://127.0.0.1:5000", record.uri.rstrip("/"))
+            elif root is not None and record.uri == f"sqlite:///{root}/mlflow.db":
+                where["MLflow UI"] = f"make ui OUT={root}  then open {ui_url}"
+            else:
+                where["MLflow UI"] = f"mlflow ui --backend-store-uri '{masked(record.uri)}'"
+        dashboard_url = f"http://127.0.0.1:8080/dashboard/studies/{study._study_id}"
+        journal = journal_dir / f"{study.study_name}.journal"
+        if root is not None and Path(storage_spec) == journal.absolute():
+            command = f"make dashboard OUT={root} STUDY={study.study_name}"
+        else:
+            command = f"python -m vaelab.dashboard '{masked(storage_spec)}'"
+        where["Dashboard"] = f"{command}  then open {dashboard_url}"
+        where["Storage"] = masked(storage_spec)
+        return where
 
     def _evaluate_best_trials(self, study: optuna.Study) -> None:
         """Call `evaluate` on the best feasible trials that have no evaluation yet, once the

@@ -7,7 +7,7 @@ reports the objective every epoch, asks the pruner whether to stop, and records 
 (vaelab.diagnostics.sweep_constraints). The sweeper, not the job, beats the trial's heartbeat.
 
     trial = SweepTrial.from_config(cfg)  # None in a single run
-    trial.start(mlflow_run_id, run_dir)
+    trial.start(mlflow_run_id, run_dir, run_name)
     if trial.should_prune(epoch, metrics): ...
     trial.finish(final_metrics, verdict, constraints)
 """
@@ -94,9 +94,11 @@ class SweepTrial:
             objectives=objective_names(cfg.sweep.objective),
         )
 
-    def start(self, mlflow_run_id: str, run_dir: Path) -> None:
+    def start(self, mlflow_run_id: str, run_dir: Path, run_name: str | None = None) -> None:
         """Tie the trial to its MLflow run (closed as KILLED if the worker dies) and its folder."""
         self.trial.set_user_attr("mlflow_run_id", mlflow_run_id)
+        if run_name:  # what the MLflow UI lists; the sweep's summary names the best trial by it
+            self.trial.set_user_attr("mlflow_run_name", run_name)
         self.trial.set_user_attr("run_dir", str(run_dir))
         self.trial.set_user_attr("host", socket.gethostname())
         self.trial.set_user_attr("pid", os.getpid())
@@ -113,15 +115,18 @@ class SweepTrial:
         final_metrics: dict[str, float],
         verdict: dict[str, object],
         constraints: list[Constraint],
-    ) -> None:
-        """Set every constraint on the trial and record why it is (in)feasible as user attrs.
+        latent_dim: int | None = None,
+    ) -> tuple[bool, str]:
+        """Set every constraint on the trial and record why it is (in)feasible as user attrs;
+        return whether it is feasible and why, in one line ("infeasible: kl broken: raw KL ≥
+        0.5 nats (found 0.31); mi holds: ...").
 
         Optuna 5 reads constraints set on the trial (Trial.set_constraint; the sampler's
         `constraints_func` is deprecated since 5.0.0): the trial is feasible when every value
         is ≤ 0. The user attrs say the same for people and the sweep's summary: `feasible`,
         `broken_constraints` (names), `constraint_meanings` ({name: what must hold}),
         `constraint_<name>` (each value), the collapse verdict and its failed checks, and the
-        RECORDED_METRICS as val_<name>.
+        RECORDED_METRICS as val_<name>, and `feasibility`, the returned line.
         """
         values = {}
         for constraint in constraints:
@@ -141,5 +146,14 @@ class SweepTrial:
         self.trial.set_user_attr("collapse_failed", verdict["failed"])
         for name in RECORDED_METRICS:
             self.trial.set_user_attr(name.replace("final/", "val_"), final_metrics[name])
-        if broken:
-            log.info("Trial %d is infeasible: it broke %s", self.number, ", ".join(broken))
+        if latent_dim is not None:  # AU is read "of latent_dim" in the sweep's summary
+            self.trial.set_user_attr("latent_dim", latent_dim)
+        # A broken constraint first: it is the reason; the ones that hold follow.
+        said = sorted(constraints, key=lambda c: values[c.name] <= 0)
+        reasons = "; ".join(
+            str(c) if values[c.name] == c.value else f"{c} (not measured)" for c in said
+        )
+        feasibility = f"{'infeasible' if broken else 'feasible'}: {reasons}"
+        self.trial.set_user_attr("feasibility", feasibility)
+        log.info("Trial %d %s", self.number, feasibility)
+        return not broken, feasibility
