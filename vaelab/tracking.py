@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import mlflow
 import optuna
@@ -26,6 +27,17 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer parameter values
 MAX_TAG_LENGTH = 5000  # tag values are cut to this (MLflow rejects more than 8000)
 CHECKPOINT_ARTIFACT = "checkpoints/model.pt"  # the best epoch of a training run
+# The MLflow UI as `make ui` serves it (PORT=5000), and what its runs table (MLflow 3.17) reads.
+LOCAL_UI = "http://127.0.0.1:5000"
+# MLflow's own record of an experiment's kind of work. The 3.17 UI opens an experiment by the
+# URL's workflowType instead (runs_table_url); its bundle reads this tag only with that off.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# An experiment tag `mlflow.sharedViewState.<key>` holds a saved view of its runs table (the
+# UI's "Views" menu, `?viewStateShareKey=<key>`): {name, createdAt, updatedAt, state}, where
+# state is the JSON of the search facets and the UI state (selectedColumns, ...).
+SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
+# The query that opens an MLflow 3.17 page as "Model training" (runs), not as GenAI.
+MODEL_TRAINING = "workflowType=machine_learning"
 
 
 class MlflowTracker:
@@ -50,7 +62,9 @@ class MlflowTracker:
         is_local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
         location = Path(self.artifact_root).resolve().as_uri() if is_local else None
         try:
-            return mlflow.create_experiment(self.experiment, artifact_location=location)
+            return mlflow.create_experiment(
+                self.experiment, artifact_location=location, tags=EXPERIMENT_KIND
+            )
         except MlflowException:
             # Another process (a parallel trial) created it first.
             return mlflow.get_experiment_by_name(self.experiment).experiment_id
@@ -228,3 +242,64 @@ def log_batch(
         metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()],
         tags=[RunTag(name, str(value)[:MAX_TAG_LENGTH]) for name, value in tags.items()],
     )
+
+
+def run_column(kind: str, name: str) -> str:
+    """A runs-table column as the MLflow UI names it: kind is metrics, params, tags or
+    attributes, e.g. run_column("metrics", "final/kl") == "metrics.`final/kl`"."""
+    return f"{kind}.`{name}`"
+
+
+def save_runs_view(
+    client: mlflow.MlflowClient,
+    experiment_id: str,
+    key: str,
+    name: str,
+    columns: list[str],
+    search_filter: str = "",
+    order_by: str | None = None,
+    ascending: bool = False,
+) -> None:
+    """A saved view of the experiment's runs table, opened by runs_table_url(view_key=key):
+    these columns (run_column names) in this order, runs matching search_filter, sorted by
+    order_by.
+
+    The format is the MLflow 3.17 UI's (its saved-view envelope and the keys of its shared
+    view state, read from its bundle in mlflow/server/js/build); a UI that cannot read it says
+    "share key is invalid" and opens the experiment as usual.
+    """
+    # columnOrder: in this order, not the UI's alphabetical one, so AU and KL come first.
+    state: dict[str, Any] = {
+        "searchFilter": search_filter,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+    }
+    if order_by is not None:
+        state |= {"orderByKey": order_by, "orderByAsc": ascending}
+    now = int(time.time() * 1000)
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    client.set_experiment_tag(experiment_id, SAVED_VIEW_PREFIX + key, json.dumps(envelope))
+
+
+def runs_table_url(
+    experiment_id: str,
+    view_key: str | None = None,
+    search_filter: str | None = None,
+    base_url: str = LOCAL_UI,
+) -> str:
+    """The experiment's runs table in the MLflow UI at base_url (or, with base_url "", the
+    page's link within the UI), in a saved view (save_runs_view) or filtered by an MLflow
+    search filter.
+
+    MLflow 3.17 opens an experiment on its GenAI overview unless the URL says
+    workflowType=machine_learning (or the browser remembers the "Model training" switch): the
+    experiment tag mlflow.experimentKind no longer decides it.
+    """
+    query = {}
+    if view_key is not None:
+        query["viewStateShareKey"] = view_key
+    if search_filter:
+        query["searchFilter"] = search_filter
+    page = f"#/experiments/{experiment_id}/runs?{MODEL_TRAINING}"
+    page += f"&{urlencode(query)}" if query else ""
+    return f"{base_url.rstrip('/')}/{page}" if base_url else page  # "": a link within the UI

@@ -747,12 +747,14 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         results = write_results(summary, Path(self.config.hydra.sweep.dir))
         if record is not None:
             record.fill_parent(parent_run_id, study, summary, results)
-        log_summary(summary, self._where_to_look(study, record, storage_spec, results))
+        where = self._where_to_look(study, record, parent_run_id, storage_spec, results)
+        log_summary(summary, where)
 
     def _where_to_look(
         self,
         study: optuna.Study,
         record: "MlflowSweepRecord | None",
+        parent_run_id: str | None,
         storage_spec: str,
         results: Path,
     ) -> dict[str, str]:
@@ -767,9 +769,12 @@ class VaelabOptunaSweeper(OptunaSweeperImpl):
         journal_dir = Path(self.journal_dir)
         root = journal_dir.parent if journal_dir.name == "optuna" else None
         if record is not None:
-            ui_url = f"http://127.0.0.1:5000/#/experiments/{record.tracker._experiment_id()}"
-            if record.uri.startswith(("http://", "https://")):
-                where["MLflow UI"] = ui_url.replace("http://127.0.0.1:5000", record.uri.rstrip("/"))
+            # The runs table of this sweep's trials, AU, KL and feasibility as columns.
+            remote = record.uri.startswith(("http://", "https://"))
+            base = record.uri.rstrip("/") if remote else "http://127.0.0.1:5000"
+            ui_url = record.runs_table_url(study.study_name, parent_run_id, base_url=base)
+            if remote:
+                where["MLflow UI"] = ui_url
             elif root is not None and record.uri == f"sqlite:///{root}/mlflow.db":
                 where["MLflow UI"] = f"make ui OUT={root}  then open {ui_url}"
             else:
