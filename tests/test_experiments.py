@@ -258,6 +258,11 @@ def test_experiment_trains_one_tiny_epoch(compose_config, tmp_path, monkeypatch,
     assert run.data.params["trainer.epochs"] == "1"
     if name in DOWNSTREAM:
         assert any(key.startswith("eval/") for key in run.data.metrics), sorted(run.data.metrics)
+    if name == "mri3d_baseline":  # seed 004's volume quality, per modality and overall
+        metrics = run.data.metrics
+        assert -1 <= metrics["eval/ssim"] <= 1 and math.isfinite(metrics["eval/psnr"])
+        for modality in ("t1c", "t1n", "t2f", "t2w"):
+            assert f"eval/ssim_{modality}" in metrics and f"eval/psnr_{modality}" in metrics
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

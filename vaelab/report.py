@@ -32,6 +32,7 @@ from vaelab.loop import Validation
 from vaelab.models.base import GaussianVAE
 from vaelab.probes import probe_latents
 from vaelab.tracking import log_batch, log_final
+from vaelab.volume_metrics import volume_reconstruction_metrics
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,15 @@ def report_run(
         seed=seed,
         normal_label=normal_label,
     )
+    if data.values.ndim == 5 and len(data.indices("val")):  # volumes: seed 004's SSIM and PSNR
+        metrics |= volume_reconstruction_metrics(
+            model,
+            data.values,
+            device,
+            index=data.indices("val"),
+            masks=data.masks,
+            channel_names=samples.channel_names,
+        )
     log_batch(client, run_id, metrics, {EVAL_STATUS_TAG: "done"})
 
     figures = out_dir / "figures"
