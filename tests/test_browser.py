@@ -107,14 +107,16 @@ def sweep_pages(ports: dict[str, int], study: str) -> dict[str, str]:
     """The pages of a sweep: its runs table and parent run in the MLflow UI, its study page and
     trial table in optuna-dashboard; `names` holds its child runs' names (';'-joined)."""
     ui, board = f"http://127.0.0.1:{ports['ui']}", f"http://127.0.0.1:{ports['dashboard']}"
-    path = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaelab"
-    experiment_id = api(ports["ui"], path)["experiment"]["experiment_id"]
-    search = {"experiment_ids": [experiment_id], "max_results": 1000}
+    # The sweep's parent run, in whichever experiment it is (tracking.experiment).
+    experiments = api(ports["ui"], "/api/2.0/mlflow/experiments/search", {"max_results": 1000})
+    search = {"experiment_ids": [e["experiment_id"] for e in experiments["experiments"]]}
+    search["max_results"] = 1000
     parent_filter = f"tags.`sweep.role` = 'parent' and tags.`sweep.study_name` = '{study}'"
     [parent] = api(ports["ui"], "/api/2.0/mlflow/runs/search", search | {"filter": parent_filter})[
         "runs"
     ]
-    parent_id = parent["info"]["run_id"]
+    parent_id, experiment_id = parent["info"]["run_id"], parent["info"]["experiment_id"]
+    search["experiment_ids"] = [experiment_id]
     child_filter = f"tags.mlflow.parentRunId = '{parent_id}'"
     children = api(ports["ui"], "/api/2.0/mlflow/runs/search", search | {"filter": child_filter})
     names = sorted(run["info"]["run_name"] for run in children.get("runs", []))
