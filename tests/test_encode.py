@@ -121,6 +121,23 @@ def test_encoding_by_checkpoint_path_gives_back_the_runs_latents(run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_streamed_file_encodes_to_the_runs_latents(run, tmp_path):
+    # 24 x 300 h x 7 vitals with masks are 0.4 MB; a 0.1 MB budget streams them in chunks
+    # that a DataLoader worker reads ahead, checked (NaN where unobserved) and normalised.
+    out = tmp_path / "latents.h5"
+    cfg = compose_encode(
+        tmp_path / "no_store",
+        f"checkpoint={run.checkpoint}",
+        f"dataset.path={run.data}",
+        f"out={out}",
+        "dataset.memory_budget_mb=0.1",
+        "dataset.num_workers=1",
+    )
+    encode(cfg)
+    assert_same_latents(out, run.latents)
+
+
+@pytest.mark.slow
 def test_channels_in_another_order_are_refused(run, tmp_path):
     with h5py.File(run.data) as f:
         values, masks = f["values"][:], f["masks"][:]

@@ -5,7 +5,9 @@
 
 The model is rebuilt through the config saved in its checkpoint, and the new samples go
 through the normaliser fitted on that run's training split (never refitted), so their latents
-sit in the same space as the run's own latents.h5.
+sit in the same space as the run's own latents.h5. A file larger than dataset.memory_budget_mb
+is streamed (vaelab.data.streaming): read, checked and normalised a chunk at a time, ahead of
+the model by dataset.num_workers DataLoader workers, into pinned memory on CUDA.
 """
 
 import logging
@@ -18,6 +20,8 @@ from omegaconf import DictConfig
 
 from vaelab.artifacts import LoadedModel, encode_all, load_checkpoint, write_latents
 from vaelab.config import TRUSTED_TARGETS, build, exits_with_one_message, require_complete
+from vaelab.data.prepare import normalised
+from vaelab.data.streaming import StreamedSamples
 from vaelab.errors import ConfigError, DataError
 from vaelab.runtime import resolve_device
 from vaelab.tracking import download_checkpoint
@@ -69,9 +73,14 @@ def encode(cfg: DictConfig) -> Path:
             f"trained on {list(loaded.channel_names)} (same channels, same order)"
         )
     # Unobserved entries become 0 after normalising, the channel mean, as in training.
-    values = torch.from_numpy(loaded.normaliser.transform(samples.values, samples.masks))
+    values, batch_size = normalised(samples, loaded.normaliser), cfg.batch_size
+    if isinstance(samples.values, StreamedSamples):
+        # Read onto the device (pinned on CUDA), in batches the memory budget holds.
+        values = values.to(device)
+        batch_size = min(batch_size, samples.values.chunk_rows())
+        log.info("Streaming %s in batches of %d", samples.source, batch_size)
 
-    mu, logvar = encode_all(loaded.model, values, cfg.batch_size, device)
+    mu, logvar = encode_all(loaded.model, values, batch_size, device)
     # New samples belong to no split of the run: latents.h5 without `split`.
     write_latents(out, mu, logvar, samples.ids, attrs={"model": origin, "data": samples.source})
     log.info(

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from vaelab.data.prepare import PreparedData
+from vaelab.data.streaming import take
 from vaelab.diagnostics import Diagnostics, diagnose
 from vaelab.errors import ConfigError, DivergenceError
 from vaelab.losses import LossTerms
@@ -158,8 +159,8 @@ class Validation:
         index = self.data.indices(split)[:limit].to(self.values.device)
         diagnostics = diagnose(
             self.model,
-            self.values[index],
-            self.masks[index],
+            take(self.values, index),  # a streamed split is read a batch at a time
+            take(self.masks, index),
             self.loss_fn,
             self.beta_schedule(epoch),
             self.batch_size,

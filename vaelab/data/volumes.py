@@ -7,6 +7,12 @@ subject has several scans, so that splits keep them together; default: the ids) 
 halves and doubles every side gives back the input shape only when the sides agree, so crop or
 pad other shapes first. Every problem stops with one `DataError` naming the file and the key.
 
+A file larger than `memory_budget_mb` (or any file with in_memory=false) is streamed
+(`vaelab.data.streaming`): 500 subjects of 4 x 128^3 float32 are 16 GB. Its layout is checked
+here; each chunk read is checked for NaN (the error names the file, the key and the sample)
+and z-scored per subject by `check_chunk`, the same code the in-memory reader runs.
+`write_volumes` writes generated subjects to such a file, one HDF5 chunk per subject.
+
 Each subject's channels are z-scored over all their voxels here, in the loader: seed 004 makes
 per-subject, per-channel z-scoring mandatory, to remove scanner gain and offset. The train-fitted
 normaliser of `prepare` then still runs (over axis 1, `SampleSet.channel_axis`) and finds
@@ -32,14 +38,25 @@ coordinates above), `lesion_radius_d/h/w` (semi-axes, voxels), `lesion_intensity
 import logging
 import math
 import os
+from functools import partial
 
 import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from vaelab.data.base import SampleSet
-from vaelab.data.h5 import first_index, open_h5, read_1d, read_numeric
-from vaelab.errors import DataError
+from vaelab.data.h5 import (
+    chunk_note,
+    first_index,
+    numeric_dataset,
+    open_h5,
+    read_1d,
+    read_numeric,
+    sample_index,
+)
+from vaelab.data.streaming import FLOAT32_BYTES, StreamedSamples, should_stream
+from vaelab.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +98,31 @@ def ellipsoid(size: int, centre: np.ndarray, semi_axes: np.ndarray) -> np.ndarra
     return r2 <= 1.0
 
 
-def _zscore_per_subject(values: np.ndarray, source: str) -> np.ndarray:
-    """Z-score every subject's channel over its voxels, in place (seed 004)."""
+def _zscore_per_subject(values: np.ndarray, source: str, warn: bool = True) -> np.ndarray:
+    """Z-score every subject's channel over its voxels, in place (seed 004). warn=False keeps
+    quiet about constant channels (a streamed file warns in its checking pass, not on every
+    read of every epoch)."""
     constant = 0
-    for i in range(len(values)):  # one subject at a time: float64 copies stay small
-        v = values[i].astype(np.float64)
-        mean = v.mean(axis=(1, 2, 3), keepdims=True)
-        std = v.std(axis=(1, 2, 3), keepdims=True)
+    if len(values) == 0:
+        return values
+    # One subject at a time, in two float64 buffers reused in place: a streamed file z-scores
+    # every batch it reads, and this is the bulk of a read. The operations are numpy's own
+    # mean and std (sum of the squared deviations from that mean, over n), step by step, so
+    # the numbers are those of ((v - v.mean()) / v.std()).astype(float32).
+    v = np.empty(values.shape[1:], dtype=np.float64)
+    squares = np.empty_like(v)
+    axes = (1, 2, 3)
+    n = math.prod(values.shape[2:])
+    for i in range(len(values)):
+        np.copyto(v, values[i])
+        v -= v.mean(axis=axes, keepdims=True)
+        np.multiply(v, v, out=squares)
+        std = np.sqrt(squares.sum(axis=axes, keepdims=True) / n)
         constant += int((std < STD_FLOOR).sum())
         # A constant channel (a modality stored as zeros, say) becomes 0 instead of NaN.
-        values[i] = ((v - mean) / np.maximum(std, STD_FLOOR)).astype(np.float32)
-    if constant:
+        v /= np.maximum(std, STD_FLOOR)
+        np.copyto(values[i], v)  # float64 -> float32, rounded as astype rounds
+    if constant and warn:
         logger.warning("%s: %d constant subject channels set to 0 by the z-score", source, constant)
     return values
 
@@ -99,8 +130,33 @@ def _zscore_per_subject(values: np.ndarray, source: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- reader
 
 
-def _read_volumes(path: str) -> SampleSet:
-    """Read and check the HDF5 layout of the module docstring (before the z-score)."""
+def _check_finite(where: str, values: np.ndarray, rows: np.ndarray | None) -> None:
+    """Every voxel finite (of the whole file, or of the streamed subjects `rows`)."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = ~finite
+        idx = first_index(bad)
+        raise DataError(
+            f"{where}: expected finite values, found {int(bad.sum())} NaN/inf entries, "
+            f"first {values[idx]} at index {sample_index(idx, rows)}{chunk_note(rows)}"
+        )
+
+
+def check_chunk(
+    path: str, values: np.ndarray, masks: None, rows: np.ndarray, report: bool = False
+) -> np.ndarray:
+    """A streamed chunk of subjects `rows`: finite, then z-scored per subject and channel in
+    place, as the in-memory reader does to the whole file. Volumes have no masks."""
+    _check_finite(f"{path}: key '{VALUES_KEY}'", values, rows)
+    return _zscore_per_subject(values, path, warn=report)
+
+
+def _read_volumes(
+    path: str, in_memory: bool | str, memory_budget_mb: float, num_workers: int
+) -> tuple[SampleSet, bool]:
+    """Read and check the HDF5 layout of the module docstring (before the z-score), or, when
+    it is to be streamed, check its layout and return its samples unread. Also returns
+    whether the file is streamed."""
     with open_h5(path, f"an HDF5 file with key '{VALUES_KEY}' {LAYOUT}") as file:
         if VALUES_KEY not in file:
             raise DataError(
@@ -128,25 +184,28 @@ def _read_volumes(path: str) -> SampleSet:
             raise DataError(
                 f"{where}: expected D = H = W >= {MIN_SIZE} in {LAYOUT}, found shape {shape}"
             )
-        values = read_numeric(path, file, VALUES_KEY)
+        shape = tuple(numeric_dataset(path, file, VALUES_KEY).shape)
+        data_bytes = math.prod(shape) * FLOAT32_BYTES
+        streamed = should_stream(in_memory, data_bytes, memory_budget_mb, path)
+        if streamed:
+            check = partial(check_chunk, path)
+            values = StreamedSamples(
+                path, VALUES_KEY, shape, None, check, memory_budget_mb, num_workers
+            )
+        else:
+            values = read_numeric(path, file, VALUES_KEY)
         n = len(values)
         ids = read_1d(path, file, "ids", n, "one id per volume", strings=True)
         groups = read_1d(path, file, "groups", n, "one subject per volume", strings=True)
         labels = read_1d(path, file, "labels", n, "one label per volume", strings=False)
 
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = ~finite
-        idx = first_index(bad)
-        raise DataError(
-            f"{where}: expected finite values, found {int(bad.sum())} NaN/inf entries, "
-            f"first {values[idx]} at index {idx}"
-        )
+    if not streamed:  # a streamed file is checked chunk by chunk as it is read
+        _check_finite(where, values, None)
     if ids is None:
         ids = np.array([f"S{i:04d}" for i in range(n)])
     if labels is not None and labels.dtype.kind in "iub":
         labels = labels.astype(np.int64)
-    return SampleSet(
+    samples = SampleSet(
         values=values,
         masks=None,
         ids=ids,
@@ -156,6 +215,7 @@ def _read_volumes(path: str) -> SampleSet:
         source=path,
         channel_axis=CHANNEL_AXIS,
     )
+    return samples, streamed
 
 
 # ----------------------------------------------------------------------------- generator
@@ -232,25 +292,68 @@ def _check_arguments(source: str, n_subjects: int, size: int) -> None:
 
 
 def load_volumes(
-    path: str | None = None, n_subjects: int = 24, size: int = 32, seed: int = 0
+    path: str | None = None,
+    n_subjects: int = 24,
+    size: int = 32,
+    seed: int = 0,
+    in_memory: bool | str = "auto",
+    memory_budget_mb: float = 4096,
+    num_workers: int | str = "auto",
 ) -> SampleSet:
     """Volumes (N, 4, size, size, size), z-scored per subject and channel; see the docstring.
 
     path: the HDF5 file to read, or None to generate `n_subjects` cubes of side `size` voxels
-    from `seed` (those three are ignored when a file is read).
+    from `seed` (those three are ignored when a file is read). in_memory: True loads the file
+    whole, False streams it, "auto" streams it when its volumes (float32) are larger than
+    memory_budget_mb. num_workers: DataLoader processes that read a streamed file ahead of a
+    pass over it, or "auto" (`vaelab.data.streaming.worker_count`).
     """
     if path is None:
+        if in_memory is False:
+            raise ConfigError(
+                "dataset.in_memory=false streams dataset.path, which is null: generated volumes "
+                "are made in memory (write them to a file with vaelab.data.volumes.write_volumes)"
+            )
         source = f"volumes(n_subjects={n_subjects}, size={size}, seed={seed})"
         _check_arguments(source, n_subjects, size)
-        samples = _generate(int(n_subjects), int(size), seed, source)
+        samples, streamed = _generate(int(n_subjects), int(size), seed, source), False
     else:
-        samples = _read_volumes(os.fspath(path))
-    _zscore_per_subject(samples.values, samples.source)
+        samples, streamed = _read_volumes(os.fspath(path), in_memory, memory_budget_mb, num_workers)
+    if not streamed:  # a streamed file is z-scored chunk by chunk as it is read
+        _zscore_per_subject(samples.values, samples.source)
     logger.info(
-        "%s: %d volumes of shape %s (%s), z-scored per subject and channel",
+        "%s: %d volumes of shape %s (%s), z-scored per subject and channel%s",
         samples.source,
         len(samples),
         samples.sample_shape,
         ", ".join(MODALITIES),
+        " as they are read" if streamed else "",
     )
     return samples
+
+
+def write_volumes(
+    path: str | os.PathLike,
+    n_subjects: int,
+    size: int = 32,
+    seed: int = 0,
+    block: int = 32,
+) -> None:
+    """Write generated subjects (before the z-score) to an HDF5 file in the layout above,
+    `block` subjects at a time, so that a file larger than memory can be made: block k comes
+    from seed + k, ids run S0000, S0001, ... over the file. Each subject is one HDF5 chunk,
+    which is what a streamed read of one subject wants."""
+    source = f"write_volumes(n_subjects={n_subjects}, size={size}, seed={seed})"
+    _check_arguments(source, n_subjects, size)
+    shape = (n_subjects, len(MODALITIES), size, size, size)
+    with h5py.File(path, "w") as file:
+        volumes = file.create_dataset(
+            VALUES_KEY, shape=shape, dtype=np.float32, chunks=(1, *shape[1:])
+        )
+        starts = range(0, n_subjects, block)
+        for k, start in enumerate(tqdm(starts, desc="write volumes", disable=None)):
+            stop = min(start + block, n_subjects)
+            volumes[start:stop] = _generate(stop - start, size, seed + k, source).values
+        ids = [f"S{i:04d}" for i in range(n_subjects)]
+        file.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
+    logger.info("%s: wrote %d volumes of %d^3 voxels to %s", source, n_subjects, size, path)
