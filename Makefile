@@ -102,8 +102,9 @@ test: $(STAMP) lint ## Install, then the lint checks and the whole test suite
 test-fast: $(STAMP) ## Run only the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## Print throughput of every model, share of matmul peak, loop and sweep overhead (~8 min)
+bench: $(STAMP) ## Print throughput of every model per precision, share of matmul peak, streaming memory and speed, loop and sweep overhead (~10 min)
 	$(BIN)/python -m vaelab.bench
+	$(BIN)/python -m vaelab.bench_data
 	$(BIN)/python -m vaelab.bench_sweep
 
 evidence: $(STAMP) ## The generic collapse search on every bundled data set; writes README's results table (~15 min)
