@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vaelab.errors import ConfigError, DivergenceError
-from vaelab.loop import EarlyStopping, TrainerSettings, epoch_batches, train_step
+from vaelab.loop import EarlyStopping, TrainerSettings, compiled, epoch_batches, train_step
 from vaelab.losses import ElboLoss
 from vaelab.models.mlp import MLPVAE
 
@@ -75,3 +75,26 @@ def test_early_stopping_counts_epochs_without_a_better_loss():
     for epoch in range(50):
         never.update(epoch, 1.0)
     assert not never.should_stop
+
+
+@pytest.mark.slow
+def test_a_compiled_train_step_trains_like_the_eager_one():
+    # trainer.compile: the same step through torch.compile (inductor compiles C++ on the CPU,
+    # ~20 s for this model, hence slow). fallback_random: the compiled code draws z from
+    # torch's own generator, as eager does, rather than from inductor's. SGD, not Adam: Adam's
+    # first steps move a parameter by ±lr whatever its gradient, so the rounding noise of a
+    # bias before BatchNorm (gradient ~0) would flip its step.
+    def two_steps(compile_model: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = MLPVAE((6,), latent_dim=2, hidden_dims=(8,))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        x = torch.randn(8, 6)
+        step_model = compiled(model, compile_model)
+        for epoch in (0.0, 0.5):
+            train_step(step_model, ElboLoss(), optimizer, x, torch.ones_like(x), 1.0, epoch, 5.0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    with torch._inductor.config.patch(fallback_random=True):
+        weights = two_steps(True)
+    for eager, compiled_weights in zip(two_steps(False), weights, strict=True):
+        torch.testing.assert_close(compiled_weights, eager, rtol=1e-4, atol=1e-5)

@@ -1,13 +1,24 @@
-"""The multi-scale Conv1D VAE: seed 000/001 shapes, exact decoder lengths, stock torch.nn layers."""
+"""The multi-scale Conv1D VAE: seed 000/001 shapes, exact decoder lengths, stock torch.nn layers,
+and its faster layers (polyphase strided conv, fused LeakyReLU + dropout)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import execution_whitelist, instantiate
 from torch import nn
 
 from vaelab.errors import DataError
-from vaelab.models.layers import Dropout, PolyphaseConvTranspose1d
-from vaelab.models.multiscale_conv1d import BRANCHES, MultiScaleConv1DVAE
+from vaelab.models.layers import (
+    KEEP_LEVELS,
+    LeakyReLUDropout,
+    PolyphaseConv1d,
+    PolyphaseConvTranspose1d,
+    leaky_relu_dropout,
+    polyphase_conv1d,
+)
+from vaelab.models.multiscale_conv1d import BRANCHES, POLYPHASE_MIN_TAPS, MultiScaleConv1DVAE
+
+FAST_LAYERS = (PolyphaseConv1d, PolyphaseConvTranspose1d, LeakyReLUDropout)
 
 BRANCH_NAMES = ["local", "hourly", "daily", "multiday"]
 
@@ -102,14 +113,19 @@ def test_stock_layers_give_the_same_model_from_torch_nn() -> None:
     assert list(stock.state_dict()) == list(fast.state_dict())
     stock.load_state_dict(fast.state_dict())
     fast_kinds, stock_kinds = {type(m) for m in fast.modules()}, {type(m) for m in stock.modules()}
-    assert {PolyphaseConvTranspose1d, Dropout} <= fast_kinds
-    assert not {PolyphaseConvTranspose1d, Dropout} & stock_kinds
-    assert {nn.ConvTranspose1d, nn.Dropout} <= stock_kinds
-    # Every fast layer has its stock twin at the same place.
+    assert set(FAST_LAYERS) <= fast_kinds
+    assert not set(FAST_LAYERS) & stock_kinds and nn.Dropout not in fast_kinds
+    assert {nn.ConvTranspose1d, nn.Dropout, nn.LeakyReLU} <= stock_kinds
+    # Every fast conv has its stock twin at the same place; the fused LeakyReLU + dropout
+    # stands where the stock block has its LeakyReLU, its Dropout next.
     names = dict(stock.named_modules())
     for name, module in fast.named_modules():
-        if isinstance(module, PolyphaseConvTranspose1d | Dropout):
+        if isinstance(module, PolyphaseConv1d | PolyphaseConvTranspose1d):
             assert type(names[name]) is type(module).__mro__[1], name
+        if isinstance(module, LeakyReLUDropout):
+            block, index = name.rsplit(".", 1)
+            assert type(names[name]) is nn.LeakyReLU, name
+            assert names[f"{block}.{int(index) + 1}"].p == module.p, name
     x = torch.randn(3, 300, 3)
     fast.eval()
     stock.eval()
@@ -136,4 +152,82 @@ def test_stock_layers_from_the_config(compose_config) -> None:
         stock = instantiate(stock_cfg.model, input_shape=(300, 3))
     assert not fast.stock_layers and stock.stock_layers
     assert list(stock.state_dict()) == list(fast.state_dict())
-    assert not any(isinstance(m, PolyphaseConvTranspose1d | Dropout) for m in stock.modules())
+    assert not any(isinstance(m, FAST_LAYERS) for m in stock.modules())
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride"), [spec[1:] for _, specs in BRANCHES for spec in specs]
+)
+@pytest.mark.parametrize("length", [745, 300, 301])
+def test_polyphase_conv1d_is_conv1d(kernel: int, stride: int, length: int) -> None:
+    # The strided encoder conv as a stride-1 conv on the input's phases: the output and every
+    # gradient of F.conv1d with the same weights, to float32 rounding.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, length, requires_grad=True)
+    weight = torch.randn(5, 3, kernel, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    expected = F.conv1d(x, weight, bias, stride, kernel // 2)
+    got = polyphase_conv1d(x, weight, bias, stride, kernel // 2)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(expected)
+    inputs = (x, weight, bias)
+    for g, e in zip(
+        torch.autograd.grad(got, inputs, grad),
+        torch.autograd.grad(expected, inputs, grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
+
+
+def test_the_encoder_takes_the_polyphase_form_for_long_kernels_only() -> None:
+    model = _small_conv()
+    for name, specs in BRANCHES:
+        for block, (_, kernel, stride) in zip(getattr(model, f"branch_{name}"), specs, strict=True):
+            polyphase = kernel >= POLYPHASE_MIN_TAPS * stride
+            assert isinstance(block[0], PolyphaseConv1d) == polyphase, (name, kernel)
+            assert type(block[0]) in (nn.Conv1d, PolyphaseConv1d)
+
+
+def test_leaky_relu_dropout_in_eval_mode_is_leaky_relu() -> None:
+    y = torch.randn(4, 8, 50)
+    layer = LeakyReLUDropout(0.2, 0.3).eval()
+    assert torch.equal(layer(y), F.leaky_relu(y, 0.2))
+    assert torch.equal(leaky_relu_dropout(y, 0.2, 0.0, training=True), F.leaky_relu(y, 0.2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaky_relu_dropout_keeps_1_minus_p_unbiased(dtype) -> None:
+    # Each element is dropped (0) or kept as leaky_relu(y) / keep, keep = 1 - p quantised to a
+    # multiple of 1/32768; over 10^6 elements the keep rate is within 5 standard errors.
+    torch.manual_seed(0)
+    p = 0.2
+    y = torch.randn(1000, 1000).to(dtype)
+    out = leaky_relu_dropout(y, 0.2, p, training=True)
+    assert out.dtype == dtype
+    keep = round((1 - p) * KEEP_LEVELS) / KEEP_LEVELS
+    assert abs(keep - (1 - p)) < 1 / KEEP_LEVELS
+    kept = out != 0
+    rate = kept.double().mean().item()
+    assert abs(rate - keep) < 5 * (keep * (1 - keep) / y.numel()) ** 0.5
+    expected = (F.leaky_relu(y.float(), 0.2) / keep).to(dtype)
+    torch.testing.assert_close(
+        out[kept], expected[kept], rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=0
+    )
+    # Unbiased: the mean output is the mean leaky_relu(y), within sampling noise.
+    mean, target = out.double().mean().item(), F.leaky_relu(y.double(), 0.2).mean().item()
+    assert abs(mean - target) < 5 * out.double().std().item() / y.numel() ** 0.5
+
+
+def test_leaky_relu_dropout_gradient_is_its_factor_and_seeded_masks_repeat() -> None:
+    y = torch.randn(3, 4, 200, requires_grad=True)
+    torch.manual_seed(7)
+    out = leaky_relu_dropout(y, 0.2, 0.5, training=True)
+    (grad,) = torch.autograd.grad(out.sum(), y)
+    # d out / d y is the factor out / y: 0 where dropped, 2 or 0.4 where kept (p = 0.5).
+    torch.testing.assert_close(grad, out.detach() / y.detach())
+    assert torch.unique(grad).tolist() == pytest.approx([0.0, 0.4, 2.0])
+    torch.manual_seed(7)
+    assert torch.equal(leaky_relu_dropout(y, 0.2, 0.5, training=True), out)
+    # Masks differ across calls: the generator moves on.
+    assert not torch.equal(leaky_relu_dropout(y, 0.2, 0.5, training=True), out)

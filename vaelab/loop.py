@@ -5,12 +5,14 @@ metrics of an epoch.
 `train_step` is also what `make bench` times, so the benchmark measures the loop's own step.
 """
 
+import dataclasses
 import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -20,6 +22,8 @@ from vaelab.data.streaming import take
 from vaelab.diagnostics import Diagnostics, diagnose
 from vaelab.errors import ConfigError, DivergenceError
 from vaelab.losses import LossTerms
+from vaelab.models.base import VAEOutput
+from vaelab.runtime import PRECISION_CHOICES, Precision
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,26 @@ class TrainerSettings:
     # trains on smaller batches (never below 2), so that β, free bits and the learning rate
     # act over real steps, not one step an epoch.
     min_steps_per_epoch: int = 4
+    # "auto", "32", "bf16-mixed" or "16-mixed" (Lightning's names; CUDA only for 16-mixed):
+    # the dtype the train step's forward pass autocasts to. Validation stays in float32.
+    precision: str = "auto"
+    compile: bool = False  # run the train step's forward and backward through torch.compile
 
     def __post_init__(self) -> None:
+        self.precision = str(self.precision)  # YAML reads `precision: 32` as an int
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(
+                f"trainer.precision={self.precision}: expected one of "
+                f"{', '.join(PRECISION_CHOICES)}"
+            )
+        # Known before the run starts: device cpu, or auto on a host without CUDA.
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        if self.precision == "16-mixed" and on_cpu:
+            raise ConfigError(
+                f"trainer.precision=16-mixed needs CUDA, and trainer.device={self.device} runs "
+                "on the CPU here: float16 autocast on the CPU is emulated and slower; use "
+                "bf16-mixed or 32"
+            )
         if self.epochs < 1:
             raise ConfigError(f"trainer.epochs must be ≥ 1, got {self.epochs}")
         if self.batch_size < 2:
@@ -83,8 +105,8 @@ def epoch_batches(train_index: torch.Tensor, batch_size: int) -> list[torch.Tens
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
 
 
-def progress_bar(batches: Iterable[torch.Tensor], epoch: int) -> Iterator[torch.Tensor]:
-    """The epoch's batches, behind a progress bar when stderr is a terminal."""
+def progress_bar(batches: Iterable[Any], epoch: int) -> Iterator[Any]:
+    """The epoch's batches (or their reads), behind a progress bar when stderr is a terminal."""
     return iter(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty()))
 
 
@@ -99,6 +121,82 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+FLOAT32 = Precision("32", "cpu", "float32 throughout")
+
+
+class StepPrecision:
+    """The train step's precision: autocast over the forward pass and, for 16-mixed, the
+    gradient scaler (float16's 5 exponent bits underflow small gradients; bf16 has float32's
+    8 and needs none). The weights, the optimiser state and the loss stay float32.
+    """
+
+    def __init__(self, precision: Precision = FLOAT32) -> None:
+        self.precision = precision
+        enabled = precision.name == "16-mixed"
+        self.scaler = torch.amp.GradScaler(precision.device_type) if enabled else None
+
+    def forward(self, model: torch.nn.Module, x: torch.Tensor) -> VAEOutput:
+        """The model's forward pass under autocast, its outputs back in float32.
+
+        The loss is computed outside autocast on float32 outputs: its KL (an exp and squares
+        summed over the batch) and the free-bits floor must not round to bf16's 8 bits.
+        """
+        with self.precision.autocast():
+            output = model(x)
+        if self.precision.autocast_dtype is None:
+            return output
+        return float32_output(output)
+
+    def backward_and_step(
+        self,
+        loss: torch.Tensor,
+        parameters: Iterable[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None,
+    ) -> None:
+        """Backward, clip the global gradient norm, step (through the scaler for 16-mixed)."""
+        if self.scaler is None:
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        self.scaler.step(optimizer)  # skipped when a gradient overflowed; the scale backs off
+        self.scaler.update()
+
+
+def float32_output(output: VAEOutput) -> VAEOutput:
+    """A forward pass's floating-point tensors in float32 (autocast leaves them bf16/fp16)."""
+
+    def up(value: torch.Tensor) -> torch.Tensor:
+        return value.float() if value.is_floating_point() else value
+
+    return dataclasses.replace(
+        output,
+        recon=up(output.recon),
+        mu=up(output.mu),
+        logvar=up(output.logvar),
+        z=up(output.z),
+        branches={name: up(value) for name, value in output.branches.items()},
+        extras={name: up(value) for name, value in output.extras.items()},
+    )
+
+
+def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """The module the train step calls: `model`, or torch.compile(model) when enabled.
+
+    The compiled module shares the model's parameters, so the optimiser, the checkpoints and
+    the validation pass (which calls `model` itself, in eval mode) see one set of weights.
+    dynamic=False: a run's batches all have one shape but the last of an epoch cannot differ
+    (epoch_batches drops the remainder), so one static graph serves the whole run.
+    """
+    return torch.compile(model, dynamic=False) if enabled else model
+
+
 def train_step(
     model: torch.nn.Module,
     loss_fn,  # noqa: ANN001 - any vaelab loss: (output, x, mask, beta, epoch) -> LossTerms
@@ -108,25 +206,27 @@ def train_step(
     beta: float,
     epoch: float,
     grad_clip: float | None,
+    precision: StepPrecision | None = None,
 ) -> LossTerms:
     """One optimiser step: forward, loss at β and the fractional epoch, backward, clip, step.
 
-    A loss that is not finite stops the run before the step can spoil the weights: the last
-    good checkpoint stays the last one written.
+    `precision` (float32 when None) autocasts the forward pass only; the loss sees float32
+    outputs. A loss that is not finite stops the run before the step can spoil the weights:
+    the last good checkpoint stays the last one written.
     """
-    terms = loss_fn(model(x), x, mask, beta, epoch)
+    precision = precision or StepPrecision()
+    terms = loss_fn(precision.forward(model, x), x, mask, beta, epoch)
     if not torch.isfinite(terms.total):
+        hint = "Lower trainer.lr or set trainer.grad_clip"
+        if precision.precision.name == "16-mixed":
+            hint += ", or use trainer.precision=bf16-mixed (float16 overflows above 65504)"
         raise DivergenceError(
             f"training loss became {terms.total.item()} at epoch {epoch:.2f} "
             f"(recon={terms.recon.item():.4g}, kl={terms.kl_raw.item():.4g}, β={beta:.4g}, "
-            f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower trainer.lr or set "
-            "trainer.grad_clip"
+            f"lr={optimizer.param_groups[0]['lr']:.3g}). {hint}"
         )
     optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    precision.backward_and_step(terms.total, model.parameters(), optimizer, grad_clip)
     return terms
 
 

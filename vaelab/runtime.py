@@ -1,4 +1,4 @@
-"""Where and how a run executes: seeding, the device, and the CPU threads it may use.
+"""Where and how a run executes: seeding, the device, its precision, and the CPU threads.
 
 Sweep workers on one host share it: each holds a slot (a file under WORKERS_DIR naming its
 pid and how many trials it runs at once) for as long as it lives, whoever started it. A trial
@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,90 @@ def pick_device(gpus: list[str], worker_slot: int) -> str:
     """One GPU per worker: slot k takes GPU k mod the number of GPUs; the CPU without any.
     A worker started with CUDA_VISIBLE_DEVICES=k sees one GPU, so it takes that one."""
     return gpus[worker_slot % len(gpus)] if gpus else "cpu"
+
+
+# trainer.precision, in PyTorch Lightning's names (`32` and `32-true` are the same thing).
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PRECISION_CHOICES = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
+# /proc/cpuinfo flags of a CPU that computes bfloat16 in hardware: AVX512-BF16 (Cooper Lake,
+# Zen 4 and later) and AMX-BF16 (Sapphire Rapids) on x86, the BF16 extension (ARMv8.6) on
+# Arm. Without them oneDNN emulates bf16 through float32 and mixed precision is slower.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run trains in, the device type it autocasts on, and why it was chosen."""
+
+    name: str  # one of PRECISIONS
+    device_type: str  # "cpu" or "cuda": what torch.autocast is given
+    reason: str  # one sentence: logged, and recorded as the MLflow param trainer.precision_reason
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the train step's forward pass autocasts to; None: float32 throughout."""
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.name)
+
+    def autocast(self) -> torch.autocast:
+        """torch.autocast for the train step (a disabled one at precision 32)."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty if none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` computes bfloat16 in hardware, and what says so."""
+    if device.type == "cuda":
+        # including_emulation=False: pre-Ampere GPUs emulate bf16, slower than float32.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{torch.cuda.get_device_name(device)} has native bf16"
+        return False, f"{torch.cuda.get_device_name(device)} has no native bf16"
+    native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
+    capability = torch.backends.cpu.get_cpu_capability()  # the ATen kernels' ISA, e.g. AVX512
+    if native:
+        return True, f"the CPU has native bf16 ({', '.join(native)}; ATen {capability})"
+    return False, f"the CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag)"
+
+
+def resolve_precision(name: str | int, device: torch.device) -> Precision:
+    """trainer.precision on this device: `auto` takes bf16-mixed where the device computes bf16
+    natively, else 32; 16-mixed needs CUDA. ConfigError for anything else."""
+    name = str(name)
+    if name not in PRECISION_CHOICES:
+        raise ConfigError(
+            f"trainer.precision={name}: expected one of {', '.join(PRECISION_CHOICES)}"
+        )
+    if name == "auto":
+        native, why = native_bf16(device)
+        # Never 16-mixed: float16 needs a gradient scaler and can overflow in the forward pass,
+        # which a default must not risk; bf16 has float32's exponent range.
+        if native:
+            return Precision("bf16-mixed", device.type, f"auto: {why}")
+        return Precision("32", device.type, f"auto: {why}, so float32")
+    if name == "16-mixed" and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.precision=16-mixed needs a CUDA device, and this run is on {device}: "
+            "float16 autocast on the CPU is emulated and slower; use bf16-mixed or 32"
+        )
+    name = "32" if name == "32-true" else name
+    if name == "bf16-mixed":
+        native, why = native_bf16(device)
+        # Asked for, it is honoured, but a host that would emulate it is worth a warning.
+        if not native:
+            log.warning("trainer.precision=bf16-mixed but %s: expect it slower than 32", why)
+        return Precision(name, device.type, f"set in trainer.precision; {why}")
+    return Precision(name, device.type, "set in trainer.precision")
 
 
 def set_torch_threads(num_threads: int | None, n_parallel: int = 1) -> int:

@@ -28,11 +28,14 @@ from vaelab.config import (
     objective_names,
 )
 from vaelab.data.prepare import PreparedData, prepare
+from vaelab.data.streaming import EpochReads
 from vaelab.diagnostics import sweep_constraints
 from vaelab.loop import (
     EarlyStopping,
+    StepPrecision,
     Validation,
     add_terms,
+    compiled,
     epoch_batches,
     epoch_metrics,
     log_epoch,
@@ -43,7 +46,9 @@ from vaelab.loop import (
 )
 from vaelab.report import downstream_plan, record_final
 from vaelab.runtime import (
+    Precision,
     resolve_device,
+    resolve_precision,
     seed_everything,
     set_torch_threads,
     trials_on_this_host,
@@ -80,6 +85,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
         seed_everything(cfg.seed)
         settings = build(cfg.trainer)
         device = resolve_device(settings.device, cfg.optuna_trial.worker_slot)
+        # Autocast covers the train step only: validation, the KL and the AU variance stay
+        # float32, so their thresholds (AU at Var(mu) ≥ 0.01) do not move with precision.
+        precision = resolve_precision(settings.precision, device)
         # A sweep's trials share this host with every worker's (vaelab.runtime.worker_slot).
         threads = set_torch_threads(settings.num_threads, trials_on_this_host() if trial else 1)
 
@@ -99,7 +107,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
         beta_schedule, criteria = build(cfg.schedule), build(cfg.verdict)
         optimizer = settings.optimizer(trainable_parameters(model, loss_fn))
         batch_size = settings.batch_size_for(len(train_index))
-        log_model(model, data, device, threads, batch_size)
+        log_model(model, data, device, threads, batch_size, precision)
+        step_model, step_precision = compiled(model, settings.compile), StepPrecision(precision)
         validate = Validation(model, data, values, masks, loss_fn, beta_schedule, settings)
         validate.check_objectives(objectives)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -113,14 +122,23 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
                 started = time.perf_counter()
                 batches = epoch_batches(train_index, batch_size)
                 train_sums: dict[str, torch.Tensor] = {}  # summed on the device: no sync a step
-                for step, batch in enumerate(progress_bar(batches, epoch)):
+                # (values[b], masks[b]) per batch; a streamed file's are read ahead (workers)
+                reads = EpochReads(values, masks, batches)
+                for step, (x, mask) in enumerate(progress_bar(reads, epoch)):
                     progress = epoch + step / len(batches)  # the fractional epoch
                     beta = beta_schedule(progress)
                     lr = cosine_lr(progress / settings.epochs, settings.lr, settings.min_lr_ratio)
                     set_lr(optimizer, lr)
-                    x, mask = values[batch], masks[batch]
                     terms = train_step(
-                        model, loss_fn, optimizer, x, mask, beta, progress, settings.grad_clip
+                        step_model,
+                        loss_fn,
+                        optimizer,
+                        x,
+                        mask,
+                        beta,
+                        progress,
+                        settings.grad_clip,
+                        step_precision,
                     )
                     add_terms(train_sums, terms)
                 train_seconds = time.perf_counter() - started
@@ -194,9 +212,10 @@ def log_model(
     device: torch.device,
     threads: int,
     batch_size: int,
+    precision: Precision,
 ) -> None:
-    """The model's size, the input it reads, where it runs and the batch it trains with, as
-    params and a log line."""
+    """The model's size, the input it reads, where it runs, the batch and the precision it
+    trains with, as params and a log line."""
     n_parameters = sum(p.numel() for p in model.parameters())
     input_shape = data.sampleset.sample_shape
     mlflow.log_params(
@@ -205,15 +224,19 @@ def log_model(
             "data.input_shape": str(input_shape),
             "torch.num_threads": threads,
             "trainer.batch_size_used": batch_size,
+            "trainer.precision_used": precision.name,
+            "trainer.precision_reason": precision.reason,
         }
     )
     log.info(
-        "%d parameters, input %s, on %s (%d threads), batches of %d",
+        "%d parameters, input %s, on %s (%d threads), batches of %d, precision %s (%s)",
         n_parameters,
         input_shape,
         device,
         threads,
         batch_size,
+        precision.name,
+        precision.reason,
     )
 
 

@@ -578,8 +578,8 @@ class EpochReads:
     read ahead by its DataLoader workers while the steps before them train, a tensor's are
     indexed as the loop indexes them.
 
-    Not used by `vaelab.train` yet, which indexes values[batch] at each step; iterating this
-    instead overlaps a streamed file's reads with training (make bench: vaelab.bench_data).
+    `vaelab.train` iterates it, so a streamed file's reads overlap training when
+    dataset.num_workers > 0 (make bench: vaelab.bench_data).
     """
 
     def __init__(

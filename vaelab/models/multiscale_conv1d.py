@@ -8,7 +8,8 @@ from torch import nn
 from vaelab.errors import ConfigError, DataError
 from vaelab.models.base import GaussianVAE
 from vaelab.models.layers import (
-    Dropout,
+    LeakyReLUDropout,
+    PolyphaseConv1d,
     PolyphaseConvTranspose1d,
     conv_block,
     conv_out_length,
@@ -34,6 +35,12 @@ BRANCHES: tuple[tuple[str, tuple[ConvSpec, ...]], ...] = (
     ("daily", (ConvSpec(2, 63, 8), ConvSpec(1, 127, 8))),
     ("multiday", (ConvSpec(1, 255, 16),)),
 )
+
+# An encoder conv runs in the polyphase form (vaelab.models.layers.polyphase_conv1d) from this
+# many taps per phase (kernel / stride) up: on the 2-core EPYC of issue 12, layer by layer on
+# one core, it was faster from hourly's k=31, s=4 up and slower for the local branch's short
+# kernels; a whole bf16 step on two cores gained 2-4% from it.
+POLYPHASE_MIN_TAPS = 4
 
 
 def branch_lengths(name: str, specs: tuple[ConvSpec, ...], length: int) -> tuple[int, ...]:
@@ -73,10 +80,10 @@ class MultiScaleConv1DVAE(GaussianVAE):
         n_steps, n_channels = self.input_shape
         c = int(base_channels)
         # stock_layers builds the same model (same parameters and state-dict keys) from the
-        # torch.nn classes that vaelab's faster CPU layers subclass: `make bench` times the two.
+        # torch.nn classes that vaelab's faster CPU layers subclass (the polyphase convs) or
+        # fuse (LeakyReLUDropout for LeakyReLU + Dropout): `make bench` times the two.
         self.stock_layers = bool(stock_layers)
         conv_transpose = nn.ConvTranspose1d if self.stock_layers else PolyphaseConvTranspose1d
-        dropout_layer = nn.Dropout if self.stock_layers else Dropout
 
         # lengths[name] = (T, L_1, ..., L_b): the input length of every encoder layer, which is
         # also the exact output length of the decoder layer that mirrors it.
@@ -90,8 +97,8 @@ class MultiScaleConv1DVAE(GaussianVAE):
             widths = [n_channels] + [c // spec.divisor for spec in specs]
             encoder, decoder = [], []
             for i, (_, k, s) in enumerate(specs):
-                conv = nn.Conv1d(widths[i], widths[i + 1], k, s, padding=k // 2)
-                encoder.append(conv_block(conv, widths[i + 1], dropout_layer(dropout)))
+                conv = self._conv_class(k, s)(widths[i], widths[i + 1], k, s, padding=k // 2)
+                encoder.append(self._block(conv, widths[i + 1], dropout))
                 # The decoder mirrors the branch: reversed kernels and strides, channels going
                 # back down, but ending at c/2 feature maps rather than C so the merge has
                 # features to mix.
@@ -100,7 +107,7 @@ class MultiScaleConv1DVAE(GaussianVAE):
                 deconv = conv_transpose(
                     widths[i + 1], out, k, s, padding=k // 2, output_padding=pad
                 )
-                decoder.insert(0, conv_block(deconv, out, dropout_layer(dropout)))
+                decoder.insert(0, self._block(deconv, out, dropout))
             # Encoder attributes keep seed 001's names (branch_local, ...).
             setattr(self, f"branch_{name}", nn.Sequential(*encoder))
             self.decoder_branches[name] = nn.Sequential(*decoder)
@@ -127,6 +134,22 @@ class MultiScaleConv1DVAE(GaussianVAE):
             nn.LeakyReLU(0.2),
             nn.Conv1d(c, n_channels, kernel_size=3, padding=1),
         )
+
+    def _conv_class(self, kernel: int, stride: int) -> type[nn.Conv1d]:
+        """The encoder's Conv1d: the polyphase form for long strided kernels (not stock)."""
+        if self.stock_layers or kernel < POLYPHASE_MIN_TAPS * stride:
+            return nn.Conv1d
+        return PolyphaseConv1d
+
+    def _block(self, conv: nn.Module, channels: int, dropout: float) -> nn.Sequential:
+        """conv -> BatchNorm1d -> LeakyReLU(0.2) -> Dropout: seed 001's ConvBlock.
+
+        vaelab's form fuses the last two into one product (LeakyReLUDropout); the stock form
+        is torch.nn's four layers. Indices 0 and 1, and so the state-dict keys, are the same.
+        """
+        if self.stock_layers:
+            return conv_block(conv, channels, nn.Dropout(dropout))
+        return nn.Sequential(conv, nn.BatchNorm1d(channels), LeakyReLUDropout(0.2, dropout))
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior mean and the raw log-variance, each (B, latent_dim)."""

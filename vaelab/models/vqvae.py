@@ -121,9 +121,11 @@ class VQVAE(nn.Module):
 
     def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook entry (Euclidean) of every vector: (B, n_latents)."""
-        flat = z_e.detach().reshape(-1, self.code_dim)
+        flat = z_e.detach().reshape(-1, self.code_dim).float()
         # ‖z − e‖² = ‖z‖² − 2 z·e + ‖e‖²; ‖z‖² is the same for every entry, so it is left out.
-        distances = self.codebook.pow(2).sum(dim=1) - 2 * flat @ self.codebook.T
+        # In float32 under any trainer.precision: bf16's 8-bit mantissa would tie close codes.
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            distances = self.codebook.pow(2).sum(dim=1) - 2 * flat @ self.codebook.T
         return distances.argmin(dim=1).view(z_e.shape[:-1])
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
