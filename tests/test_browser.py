@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_ui import api, serving
+from servers import api, serving
 
 from vaelab.sweep.record import view_key
 from vaelab.tracking import MODEL_TRAINING, runs_table_url

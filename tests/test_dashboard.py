@@ -12,7 +12,7 @@ import urllib.parse
 import optuna
 import pytest
 from optuna_dashboard import _serializer
-from test_ui import HTTP, api, serving
+from servers import HTTP, api, serving
 
 from vaelab import dashboard
 from vaelab.sweep.record import view_key
