@@ -18,6 +18,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -107,6 +108,46 @@ def plot_kl_per_dim(
     return _save(fig, path)
 
 
+def threshold_line(
+    ax: Axes,
+    value: float,
+    label: str,
+    color: str,
+    text_color: str | None = None,
+    vertical: bool = False,
+    **line_style: object,
+) -> Line2D:
+    """A dashed threshold across `ax` (horizontal, or vertical for a threshold on x), with
+    `label` for the legend and its value written at the line's end ("0.5 nats"), so the
+    number reads without the legend. Returns the line."""
+    line_style = {"linestyle": "--", **line_style}
+    text_style = {"fontsize": 8, "color": text_color or color}
+    if vertical:
+        line = ax.axvline(value, color=color, label=label, **line_style)
+        ax.text(
+            value,
+            0.98,
+            f"{value:g} nats ",
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            ha="right",
+            va="top",
+            **text_style,
+        )
+    else:
+        line = ax.axhline(value, color=color, label=label, **line_style)
+        ax.text(
+            0.99,
+            value,
+            f"{value:g} nats",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            **text_style,
+        )
+    return line
+
+
 def _beta_behind(ax: Axes, epochs: np.ndarray, beta: np.ndarray) -> Patch:
     """β as a shaded area on a right-hand twin axis, drawn behind the curves of `ax`; returns
     a legend entry for the shading."""
@@ -169,22 +210,8 @@ def plot_training_curves(
     top.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no half units
     top.set_title("Collapse during training (validation split), β schedule shaded")
     bottom.plot(epochs, kl, marker="o", markersize=3, color="tab:orange", label="KL")
-    bottom.axhline(
-        kl_threshold,
-        color="tab:red",
-        linestyle="--",
-        linewidth=1,
-        label=f"{kl_threshold_name} = {kl_threshold:g} nats",
-    )
-    bottom.text(
-        0.99,
-        kl_threshold,
-        f"{kl_threshold:g} nats",
-        transform=bottom.get_yaxis_transform(),
-        ha="right",
-        va="bottom",
-        fontsize=8,
-        color="tab:red",
+    threshold_line(
+        bottom, kl_threshold, f"{kl_threshold_name} = {kl_threshold:g} nats", "tab:red", linewidth=1
     )
     bottom.set_ylabel("raw KL (nats per sample)")
     bottom.set_xlabel("epoch")

@@ -40,6 +40,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
+from vaelab.plots import threshold_line
 from vaelab.sweep.summary import broken_constraints, constraint_names, is_feasible
 
 DPI = 100
@@ -380,22 +381,13 @@ def _feasibility(trials: list[FrozenTrial], marks: _Marks) -> Figure:
     references = []
     if kl_threshold is not None:  # in the figure's legend once, on both panels
         for ax in (au_ax, mi_ax):
-            line = ax.axvline(
+            line = threshold_line(
+                ax,
                 kl_threshold,
-                color="grey",
-                linestyle="--",
-                label=f"sweep.kl_threshold = {kl_threshold:g} nats",
-            )
-            ax.text(
-                kl_threshold,
-                0.98,
-                f"{kl_threshold:g} nats ",
-                transform=ax.get_xaxis_transform(),
-                rotation=90,
-                ha="right",
-                va="top",
-                fontsize=8,
-                color="0.35",
+                f"sweep.kl_threshold = {kl_threshold:g} nats",
+                "grey",
+                text_color="0.35",
+                vertical=True,
             )
         references.append(line)
     au_ax.set_title(
@@ -408,23 +400,9 @@ def _feasibility(trials: list[FrozenTrial], marks: _Marks) -> Figure:
     diagonal = np.concatenate([[0.0], np.geomspace(1e-3, max(largest, 1e-2), 100)])
     mi_refs = mi_ax.plot(diagonal, diagonal, color="black", linewidth=0.8, label="MI = KL")
     if mi_threshold is not None:
+        label = f"MI floor = {mi_threshold:g} nats"
         mi_refs.append(
-            mi_ax.axhline(
-                mi_threshold,
-                color="grey",
-                linestyle=":",
-                label=f"MI floor = {mi_threshold:g} nats",
-            )
-        )
-        mi_ax.text(
-            0.99,
-            mi_threshold,
-            f"{mi_threshold:g} nats",
-            transform=mi_ax.get_yaxis_transform(),
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="0.35",
+            threshold_line(mi_ax, mi_threshold, label, "grey", text_color="0.35", linestyle=":")
         )
     mi_ax.set_ylabel("validation I(x; z) (nats)")
     mi_ax.set_title("KL that carries information")
