@@ -122,3 +122,18 @@ def stop(server: subprocess.Popen) -> None:
         os.killpg(server.pid, signal.SIGKILL)
     psutil.wait_procs(descendants, timeout=10)
     server.wait(timeout=10)
+
+
+def run_one_feasible_one_infeasible(sweeps, study: str) -> None:
+    """A 2-trial grid over the collapse threshold itself (the `sweeps` fixture): at 0 nats the
+    trial is feasible, at 1e9 it cannot be (the information constraints are switched off, as
+    in test_sweep_end_to_end)."""
+    sweeps.run(
+        study,
+        "sweep.kl_threshold=choice(0.0,1e9)",
+        "verdict.min_mi=-1e9",
+        "verdict.min_z_gain=-1e9",
+        "sweep/pruner=none",
+        "hydra.sweeper.n_trials=2",
+        search="grid",
+    )

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import api, serving
+from servers import api, run_one_feasible_one_infeasible, serving
 
 from vaelab.sweep.record import view_key
 from vaelab.tracking import MODEL_TRAINING, runs_table_url
@@ -159,16 +159,7 @@ def take_screenshots(
 
 @pytest.mark.slow
 def test_a_browser_shows_the_sweeps_trials_and_which_are_feasible(sweeps, tmp_path):
-    # The grid of tests/test_dashboard.py: trial feasible at 0 nats, infeasible at 1e9.
-    sweeps.run(
-        STUDY,
-        "sweep.kl_threshold=choice(0.0,1e9)",
-        "verdict.min_mi=-1e9",
-        "verdict.min_z_gain=-1e9",
-        "sweep/pruner=none",
-        "hydra.sweeper.n_trials=2",
-        search="grid",
-    )
+    run_one_feasible_one_infeasible(sweeps, STUDY)
     root = tmp_path / "multirun"
     out = Path(os.environ.get("VAELAB_SCREENSHOTS") or tmp_path / "screenshots")
     targets = {"ui": {"OUT": root}, "dashboard": {"OUT": root, "STUDY": STUDY}}

@@ -12,7 +12,7 @@ import urllib.parse
 import optuna
 import pytest
 from optuna_dashboard import _serializer
-from servers import HTTP, api, serving
+from servers import HTTP, api, run_one_feasible_one_infeasible, serving
 
 from vaelab import dashboard
 from vaelab.sweep.record import view_key
@@ -30,17 +30,7 @@ def get(port: int, path: str) -> dict:
 
 @pytest.mark.slow
 def test_the_dashboard_and_the_mlflow_ui_show_which_trials_are_feasible(sweeps, tmp_path):
-    # A grid over the collapse threshold itself: at 0 nats the trial is feasible, at 1e9 it
-    # cannot be (the information constraints are switched off, as in test_sweep_end_to_end).
-    sweeps.run(
-        STUDY,
-        "sweep.kl_threshold=choice(0.0,1e9)",
-        "verdict.min_mi=-1e9",
-        "verdict.min_z_gain=-1e9",
-        "sweep/pruner=none",
-        "hydra.sweeper.n_trials=2",
-        search="grid",
-    )
+    run_one_feasible_one_infeasible(sweeps, STUDY)
     root = tmp_path / "multirun"
     journal = root / "optuna" / f"{STUDY}.journal"
     study = optuna.load_study(study_name=STUDY, storage=open_storage(str(journal)))
