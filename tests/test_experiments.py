@@ -190,6 +190,17 @@ def test_lstm_vitals_baseline_is_seed_000s_collapsing_lstm(compose_config):
     assert cfg.dataset._target_.endswith("generate_vitals") and cfg.dataset.seq_len < 745
 
 
+def test_lstm_baseline_and_multiscale_weigh_the_kl_alike(compose_config):
+    # "The same β to compare directly" holds only if the whole KL side is the same: a summed KL
+    # would weigh 32x more in one of them and tilt the comparison toward the LSTM collapsing.
+    lstm = compose_config(["experiment=lstm_vitals_baseline"]).loss
+    conv = compose_config(["experiment=multiscale_vitals"]).loss
+    kl_side = ("free_bits", "free_bits_mode", "kl_reduction", "reduction")
+    assert {key: lstm[key] for key in kl_side} == {key: conv[key] for key in kl_side}
+    # seed 001: clamp(kl_bd - 2, min=0).mean(): every sample and dimension, averaged over dims
+    assert (conv.free_bits_mode, conv.kl_reduction) == ("per_sample", "mean")
+
+
 def test_vqvae_vitals_is_seed_000s_fallback(compose_config):
     cfg = compose_config(["experiment=vqvae_vitals"])
     assert cfg.model._target_.endswith("VQVAE") and cfg.loss._target_.endswith("VQLoss")

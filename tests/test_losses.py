@@ -514,3 +514,23 @@ def test_iwae_does_not_depend_on_how_the_samples_are_batched(monkeypatch):
     apart = importance_weighted_log_px(model, loss, x, masks, n_importance=7, batch_size=2)
     assert apart.iwae == pytest.approx(together.iwae, rel=1e-12)
     assert apart.elbo == pytest.approx(together.elbo, rel=1e-12)
+
+
+def test_per_sample_free_bits_with_mean_kl_gives_seed_001s_gradients():
+    # Seed 001's MultiScaleVAELoss: clamp(kl_bd - free_bits, min=0).mean() over batch and
+    # dimensions, times β. vaelab's per_sample mode with kl_reduction=mean is that plus the
+    # constant free_bits, so the same gradients: what experiment=multiscale_vitals relies on.
+    torch.manual_seed(0)
+    mu = torch.randn(6, 5, requires_grad=True)
+    logvar = (torch.randn(6, 5) * 2).requires_grad_(True)
+    x = torch.zeros(6, 4)
+    beta, free_bits = 0.5, 2.0
+    seed = (gaussian_kl_per_dim(mu, logvar) - free_bits).clamp(min=0).mean() * beta
+    seed_grads = torch.autograd.grad(seed, (mu, logvar))
+    loss = ElboLoss(free_bits=free_bits, free_bits_mode="per_sample", kl_reduction="mean")
+    terms = loss(output(x, mu, logvar), x, torch.ones_like(x), beta=beta)
+    ours = terms.total - terms.nll  # the reconstruction side is constant in mu and logvar
+    vaelab_grads = torch.autograd.grad(ours, (mu, logvar))
+    assert 0 < seed.item() and ours.item() == pytest.approx(seed.item() + beta * free_bits)
+    for seed_grad, vaelab_grad in zip(seed_grads, vaelab_grads, strict=True):
+        assert torch.allclose(seed_grad, vaelab_grad, atol=1e-6)

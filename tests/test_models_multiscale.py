@@ -231,3 +231,30 @@ def test_leaky_relu_dropout_gradient_is_its_factor_and_seeded_masks_repeat() -> 
     assert torch.equal(leaky_relu_dropout(y, 0.2, 0.5, training=True), out)
     # Masks differ across calls: the generator moves on.
     assert not torch.equal(leaky_relu_dropout(y, 0.2, 0.5, training=True), out)
+
+
+def test_multiscale_vitals_builds_seed_000s_widths_not_seed_001s(compose_config) -> None:
+    # Seed 000's design: FC(256 -> 64) after pooling; four decoder branches of 64 maps merged by
+    # Conv1d(256 -> 64, k=3) -> Conv1d(64 -> 7, k=3). The model's defaults are seed 001's FC
+    # (256 -> 128) and branches of 32 maps.
+    seed_000 = compose_config(["experiment=multiscale_vitals"])
+    with execution_whitelist(["vaelab.*"]):
+        model = instantiate(seed_000.model, input_shape=(745, 7))
+    merge_fc, first_merge, last_merge = model.fc_merge[0], model.merge[0], model.merge[2]
+    assert (merge_fc.in_features, merge_fc.out_features) == (256, 64)
+    assert (model.fc_mu.in_features, model.fc_logvar.in_features) == (64, 64)
+    assert (first_merge.in_channels, first_merge.out_channels, first_merge.kernel_size) == (
+        256,
+        64,
+        (3,),
+    )
+    assert (last_merge.in_channels, last_merge.out_channels, last_merge.kernel_size) == (
+        64,
+        7,
+        (3,),
+    )
+    default = MultiScaleConv1DVAE(input_shape=(745, 7))
+    assert default.fc_merge[0].out_features == 128 and default.merge[0].in_channels == 128
+    out = model.eval()(torch.randn(2, 745, 7))
+    assert out.recon.shape == (2, 745, 7)
+    assert all(branch.shape == (2, 745, 7) for branch in out.branches.values())

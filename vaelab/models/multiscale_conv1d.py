@@ -73,12 +73,24 @@ class MultiScaleConv1DVAE(GaussianVAE):
         dropout: float = 0.2,
         posterior_logvar_min: float | None = -6.0,
         stock_layers: bool = False,
+        merge_width: int | None = None,
+        decoder_branch_width: int | None = None,
     ) -> None:
         super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
         if base_channels < 2 or base_channels % 2:
             raise ConfigError(f"model.base_channels must be even and ≥ 2, got {base_channels}")
         n_steps, n_channels = self.input_shape
         c = int(base_channels)
+        # The two widths where the seeds differ (conf/model/multiscale_conv1d.yaml). None keeps
+        # vaelab's defaults: seed 001's FC(4c -> 2c) after pooling, and decoder branches ending at
+        # c/2 feature maps. Seed 000's design is FC(4c -> c) and branches of c maps each.
+        merge_width = 2 * c if merge_width is None else int(merge_width)
+        branch_width = c // 2 if decoder_branch_width is None else int(decoder_branch_width)
+        if merge_width < 1 or branch_width < 1:
+            raise ConfigError(
+                f"model.merge_width and model.decoder_branch_width must be ≥ 1, got "
+                f"{merge_width} and {branch_width}"
+            )
         # stock_layers builds the same model (same parameters and state-dict keys) from the
         # torch.nn classes that vaelab's faster CPU layers subclass (the polyphase convs) or
         # fuse (LeakyReLUDropout for LeakyReLU + Dropout): `make bench` times the two.
@@ -100,9 +112,9 @@ class MultiScaleConv1DVAE(GaussianVAE):
                 conv = self._conv_class(k, s)(widths[i], widths[i + 1], k, s, padding=k // 2)
                 encoder.append(self._block(conv, widths[i + 1], dropout))
                 # The decoder mirrors the branch: reversed kernels and strides, channels going
-                # back down, but ending at c/2 feature maps rather than C so the merge has
-                # features to mix.
-                out = c // 2 if i == 0 else widths[i]
+                # back down, but ending at branch_width feature maps rather than C so the merge
+                # has features to mix.
+                out = branch_width if i == 0 else widths[i]
                 pad = transpose_output_padding(lengths[i + 1], lengths[i], k, s)
                 deconv = conv_transpose(
                     widths[i + 1], out, k, s, padding=k // 2, output_padding=pad
@@ -114,15 +126,15 @@ class MultiScaleConv1DVAE(GaussianVAE):
             # Each branch reconstructs the series on its own, so the per-branch reconstruction
             # loss of seed 000 ("Per-branch recon loss, equal weights") can force every scale
             # into the latent code.
-            self.decoder_heads[name] = nn.Conv1d(c // 2, n_channels, kernel_size=3, padding=1)
+            self.decoder_heads[name] = nn.Conv1d(branch_width, n_channels, 3, padding=1)
             self.lengths[name] = lengths
             self._code_shapes.append((widths[-1], lengths[-1]))
 
         self.pool = nn.AdaptiveAvgPool1d(1)
         pooled_width = sum(channels for channels, _ in self._code_shapes)  # 4c
-        self.fc_merge = nn.Sequential(nn.Linear(pooled_width, 2 * c), nn.LeakyReLU(0.2))
-        self.fc_mu = nn.Linear(2 * c, self.latent_dim)
-        self.fc_logvar = nn.Linear(2 * c, self.latent_dim)
+        self.fc_merge = nn.Sequential(nn.Linear(pooled_width, merge_width), nn.LeakyReLU(0.2))
+        self.fc_mu = nn.Linear(merge_width, self.latent_dim)
+        self.fc_logvar = nn.Linear(merge_width, self.latent_dim)
 
         # One projection sized to every branch's deepest encoder length. Seed 001 projected every
         # branch to length 8, so its decoders reached 512 or 1024 steps, not 745, and had to be
@@ -130,7 +142,7 @@ class MultiScaleConv1DVAE(GaussianVAE):
         self._projection_sizes = [channels * length for channels, length in self._code_shapes]
         self.fc_decode = nn.Linear(self.latent_dim, sum(self._projection_sizes))
         self.merge = nn.Sequential(
-            nn.Conv1d(len(BRANCHES) * (c // 2), c, kernel_size=3, padding=1),
+            nn.Conv1d(len(BRANCHES) * branch_width, c, kernel_size=3, padding=1),
             nn.LeakyReLU(0.2),
             nn.Conv1d(c, n_channels, kernel_size=3, padding=1),
         )
@@ -164,7 +176,7 @@ class MultiScaleConv1DVAE(GaussianVAE):
         chunks = torch.split(self.fc_decode(z), self._projection_sizes, dim=1)
         features, branches = [], {}
         for (name, _), chunk, shape in zip(BRANCHES, chunks, self._code_shapes, strict=True):
-            h = self.decoder_branches[name](chunk.view(z.shape[0], *shape))  # (B, c/2, T)
+            h = self.decoder_branches[name](chunk.view(z.shape[0], *shape))  # (B, width, T)
             features.append(h)
             branches[name] = self.decoder_heads[name](h).transpose(1, 2)
         recon = self.merge(torch.cat(features, dim=1)).transpose(1, 2)
