@@ -500,6 +500,38 @@ def test_a_one_record_fasta_trains_with_defaults(compose_config, tmp_path, one_t
     assert objective == runs[0].data.metrics["final/active_units"]
 
 
+def test_without_zscore_the_model_sees_the_clr_values_exactly(tmp_path):
+    """zscore_features=false (seed 002): the prepared values equal clr(counts) bit for bit,
+    counts taken by the naive counter; with true they are z-scored on the train split."""
+    records = {f"r{i}": random_dna(1000, 40 + i) for i in range(10)}
+    fasta = write_fasta(tmp_path / "draft.fa", records)
+    expected = clr(np.stack([whole(seq)[0] for seq in records.values()]))
+    plain = load_kmers(fasta=str(fasta), window=1000, group_by="record")
+    assert plain.unnormalised_channels == tuple(FEATURE_NAMES)
+    data = prepare(plain, 0.2, 0.2, seed=0)
+    assert np.array_equal(data.values.numpy(), expected)  # exact, not close
+    assert np.array_equal(data.normaliser.inverse_transform(data.values.numpy()), expected)
+
+    scored = load_kmers(fasta=str(fasta), window=1000, group_by="record", zscore_features=True)
+    assert scored.unnormalised_channels == ()
+    data = prepare(scored, 0.2, 0.2, seed=0)
+    train = data.split == "train"
+    mean, std = expected[train].astype(np.float64).mean(0), expected[train].std(0)
+    std[std < 1e-6] = 1.0  # a feature constant on train is only centred (prepare.STD_FLOOR)
+    np.testing.assert_allclose(data.values.numpy(), (expected - mean) / std, atol=1e-5)
+    values = data.values.numpy()[train]
+    varying = expected[train].std(0) > 1e-6
+    np.testing.assert_allclose(values.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(values[:, varying].std(0), 1.0, atol=1e-4)
+    with pytest.raises(DataError, match="zscore_features"):
+        load_kmers(fasta=str(fasta), window=1000, zscore_features="no")
+
+
+def test_the_kmers_config_and_kmer_mlp_leave_the_clr_values_unscaled(compose_config):
+    assert compose_config(["dataset=kmers"]).dataset.zscore_features is False
+    assert compose_config(["experiment=kmer_mlp"]).dataset.zscore_features is False
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

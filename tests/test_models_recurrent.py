@@ -110,3 +110,29 @@ def test_conv_lstm_bad_settings() -> None:
         ConvLSTMVAE(input_shape=[4, 32, 32, 32])
     with pytest.raises(DataError, match="expected input"):
         _small_conv_lstm()(torch.randn(2, 40, 4))
+
+
+def test_conv_lstm_without_lstm_is_seed_003s_conv_only_variant() -> None:
+    torch.manual_seed(0)
+    model = ConvLSTMVAE(input_shape=(256, 4), use_lstm=False)
+    assert not any(isinstance(m, nn.LSTM) for m in model.modules())
+    # Seed 003 "Before": Conv1d(.->16) -> Conv1d(16->32) -> Flatten(2048) -> Linear(2048->32)
+    assert (model.fc_mu.in_features, model.fc_mu.out_features) == (32 * 64, 32)
+    assert (model.fc_decode.in_features, model.fc_decode.out_features) == (32, 32 * 64)
+    x = torch.randn(3, 256, 4)
+    out = model(x)
+    assert out.recon.shape == (3, 256, 4) and out.mu.shape == out.z.shape == (3, 32)
+    (out.recon.square().mean() + out.mu.square().mean() + out.logvar.mean()).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # The default keeps the LSTMs: the two variants share the conv layers' names and shapes.
+    with_lstm = ConvLSTMVAE(input_shape=(256, 4))
+    assert isinstance(with_lstm.encoder_lstm, nn.LSTM) and with_lstm.use_lstm
+    conv = {k: v.shape for k, v in model.state_dict().items() if "_conv." in k}
+    assert conv == {k: v.shape for k, v in with_lstm.state_dict().items() if "_conv." in k}
+
+
+@pytest.mark.parametrize("n_steps", [97, 5])
+def test_conv_only_variant_reaches_exactly_t(n_steps: int) -> None:
+    model = ConvLSTMVAE(input_shape=(n_steps, 3), latent_dim=4, use_lstm=False)
+    assert model.eval()(torch.randn(2, n_steps, 3)).recon.shape == (2, n_steps, 3)

@@ -3,6 +3,9 @@
     python -m vaelab.encode run_id=<mlflow run id> dataset=h5 dataset.path=new.h5
     python -m vaelab.encode checkpoint=path/to/model.pt dataset=h5 dataset.path=new.h5 out=z.h5
 
+latents.h5 is vaelab's own format (vaelab.artifacts.write_latents), not seed 000's
+vae_latents.h5 (mu, logvar, patient_ids): `python -m vaelab.export RUN_DIR OUT_DIR` writes that.
+
 The model is rebuilt through the config saved in its checkpoint, and the new samples go
 through the normaliser fitted on that run's training split (never refitted), so their latents
 sit in the same space as the run's own latents.h5. A file larger than dataset.memory_budget_mb

@@ -32,6 +32,17 @@ columns together would subtract one geometric mean dominated by the 2,080 sparse
 zeros, log 1e-6 = -13.8), so the 1- to 5-mer values would move with 6-mer sparsity rather than
 with their own composition (Aitchison 1986: CLR is defined on one composition).
 
+Scale, `zscore_features`. Seed 002 trained on the CLR values themselves, with an MSE summed over
+the 2,772 features; vaelab's training data otherwise pass through a per-feature z-score fitted on
+the training split (vaelab.data.prepare). With zscore_features=false (the default, the seed's
+recipe) every feature is left unnormalised (`SampleSet.unnormalised_channels`: mean 0, std 1),
+so the model sees the CLR values exactly. Z-scoring would weigh every k-mer alike: the seed's
+finding that the 6-mers carry ~95 % of the reconstruction error (its log at epoch ~100: 6-mer
+MSE 1.56 against 1.21 over all features, so 2,080 x 1.56 of the 2,772 x 1.21 summed) would be
+scaled away, and its KL weight 0.1 against the summed CLR error
+(β = 0.1 / 2772 per feature, conf/experiment/kmer_mlp.yaml) would no longer weigh the same
+terms. zscore_features=true gives each feature mean 0 and variance 1 on the training split.
+
 Groups. The train/val/test split never puts one group in two splits (vaelab.data.prepare), so
 the grouping decides what can leak between them. `group_by`:
 - "record": every window of one FASTA record is one group, so neighbouring and overlapping
@@ -511,6 +522,7 @@ def load_kmers(
     group_by: str = "auto",
     max_skipped_fraction: float = 1.0,
     n_blocks: int = 20,
+    zscore_features: bool = False,
 ) -> SampleSet:
     """K-mer composition samples from exactly one of FASTA files, a kmers h5 file or all_kmers.npy.
 
@@ -521,6 +533,8 @@ def load_kmers(
     max_skipped_fraction: drop windows whose share of skipped k-mer positions exceeds this
     (1.0 keeps every window; 0.5 drops windows that are mostly N). Not known for npy files.
     n_blocks: blocks (groups) over all records for group_by="block", shared out by windows.
+    zscore_features: z-score each feature on the training split (vaelab.data.prepare); False
+    leaves the CLR values as they are, seed 002's recipe (module docstring, Scale).
     """
     given = {k: v for k, v in (("fasta", fasta), ("path", path), ("npy", npy)) if v is not None}
     if len(given) != 1:
@@ -533,6 +547,10 @@ def load_kmers(
         raise DataError(f"kmers: group_by: expected one of {list(GROUP_BY)}, found {group_by!r}")
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int | np.integer) or n_blocks < 1:
         raise DataError(f"kmers: n_blocks: expected a positive integer, found {n_blocks!r}")
+    if not isinstance(zscore_features, bool | np.bool_):
+        raise DataError(
+            f"kmers: zscore_features: expected true or false, found {zscore_features!r}"
+        )
     if not 0.0 <= float(max_skipped_fraction) <= 1.0:
         raise DataError(
             f"kmers: max_skipped_fraction: expected 0 <= fraction <= 1, found "
@@ -646,10 +664,11 @@ def load_kmers(
             group_by,
         )
     logger.info(
-        "%s: %d samples of %d k-mer features (CLR per k), %d groups by %s",
+        "%s: %d samples of %d k-mer features (CLR per k, %s), %d groups by %s",
         source,
         len(ids),
         N_FEATURES,
+        "z-scored per feature on train" if zscore_features else "not z-scored",
         n_groups,
         group_by,
     )
@@ -662,6 +681,8 @@ def load_kmers(
         factors=factors,
         source=source,
         feature_groups=dict(FEATURE_GROUPS),
+        # Seed 002's scale: the normaliser leaves every feature as it is (mean 0, std 1).
+        unnormalised_channels=() if zscore_features else tuple(names),
     )
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from vaelab.errors import ConfigError, DataError
 from vaelab.models.base import GaussianVAE
+from vaelab.models.priors import PriorFactory
 
 # With model.n_down = null, halve while every side stays even and at least MIN_GRID voxels, at
 # most MAX_DERIVED_DOWN times: 32³ -> 4³, and 128³ -> 8³, seed 004's compact feature volume.
@@ -92,8 +93,9 @@ class Conv3DVAE(GaussianVAE):
         norm_groups: int = 4,
         use_sbd: bool = False,
         posterior_logvar_min: float | None = -6.0,
+        prior: PriorFactory | None = None,
     ) -> None:
-        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=4)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=4, prior=prior)
         if base_channels < 1:
             raise ConfigError(f"model.base_channels must be ≥ 1, got {base_channels}")
         # Every level has base_channels * 2**i channels, so dividing the first divides them all.

@@ -1,4 +1,8 @@
-"""Conv1D + LSTM VAE for (T, C) sequences: seed 003's autoencoder made variational."""
+"""Conv1D + LSTM VAE for (T, C) sequences: seed 003's autoencoder made variational.
+
+`use_lstm=False` is seed 003's conv-only variant ("use_lstm=True (configurable)"; its "Before"
+architecture): the conv features are flattened straight into the posterior, with no LSTM.
+"""
 
 from collections.abc import Sequence
 
@@ -8,6 +12,7 @@ from torch import nn
 from vaelab.errors import ConfigError, DataError
 from vaelab.models.base import GaussianVAE
 from vaelab.models.layers import conv_out_length, transpose_output_padding
+from vaelab.models.priors import PriorFactory
 
 # Seed 003 quarters the sequence over its two convolutions, (B, 4, 256) -> (B, 32, 64), so each
 # has stride 2. The seed gives neither kernel nor activation; kernel 5 and ReLU are our choice.
@@ -15,7 +20,11 @@ STRIDE = 2
 
 
 class ConvLSTMVAE(GaussianVAE):
-    """Strided Conv1d layers, then an LSTM whose last step gives the posterior; mirrored back."""
+    """Strided Conv1d layers, then an LSTM whose last step gives the posterior; mirrored back.
+
+    With use_lstm=False the LSTMs are left out: the last conv's (channels[-1], L) features are
+    flattened into the posterior heads, and the decoder's Linear unflattens back to them.
+    """
 
     def __init__(
         self,
@@ -27,8 +36,10 @@ class ConvLSTMVAE(GaussianVAE):
         n_layers: int = 2,
         dropout: float = 0.5,
         posterior_logvar_min: float | None = -6.0,
+        use_lstm: bool = True,
+        prior: PriorFactory | None = None,
     ) -> None:
-        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2, prior=prior)
         channels = [int(c) for c in conv_channels]
         if not channels or min(channels) < 1:
             raise ConfigError(f"model.conv_channels must be non-empty and positive: {channels}")
@@ -74,6 +85,19 @@ class ConvLSTMVAE(GaussianVAE):
         self.encoder_conv = nn.Sequential(*encoder)
         self.decoder_conv = nn.Sequential(*decoder)
 
+        self.use_lstm = bool(use_lstm)
+        if not self.use_lstm:
+            # Seed 003's conv-only ("Before") encoder: Conv1d(2->16) -> Conv1d(16->32) ->
+            # Flatten(2048) -> Linear(2048->32); here two such heads give mu and logvar. Its
+            # decoder is not given: the mirror is Linear back to (channels[-1], L), ReLU (the
+            # encoder's last conv ends in one), then the transposed convs. lstm_hidden,
+            # n_layers and dropout then shape nothing.
+            flat = channels[-1] * self.lengths[-1]
+            self.fc_mu = nn.Linear(flat, self.latent_dim)
+            self.fc_logvar = nn.Linear(flat, self.latent_dim)
+            self.fc_decode = nn.Linear(self.latent_dim, flat)
+            return
+
         # Seed 003: LSTM(32 -> 64, 2 layers, dropout 0.5) over the 64 conv steps; its last step
         # (B, 64) fed Linear(64 -> 32); here two such heads give mu and logvar.
         self.encoder_lstm = nn.LSTM(
@@ -93,12 +117,19 @@ class ConvLSTMVAE(GaussianVAE):
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior mean and the raw log-variance, each (B, latent_dim)."""
         h = self.encoder_conv(x.transpose(1, 2))  # (B, C, T) -> (B, channels[-1], L)
-        _, (h_n, _) = self.encoder_lstm(h.transpose(1, 2))  # LSTM reads (B, L, channels)
-        h = h_n[-1]  # (B, lstm_hidden): the top layer at the last step
+        if self.use_lstm:
+            _, (h_n, _) = self.encoder_lstm(h.transpose(1, 2))  # LSTM reads (B, L, channels)
+            h = h_n[-1]  # (B, lstm_hidden): the top layer at the last step
+        else:
+            h = h.flatten(1)  # (B, channels[-1] * L), seed 003's Flatten(2048)
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the reconstruction (B, T, C) and no branch outputs."""
-        steps = self.fc_decode(z).unsqueeze(1).expand(-1, self.lengths[-1], -1)
-        h, _ = self.decoder_lstm(steps)  # (B, L, channels[-1])
-        return self.decoder_conv(h.transpose(1, 2)).transpose(1, 2), {}
+        if self.use_lstm:
+            steps = self.fc_decode(z).unsqueeze(1).expand(-1, self.lengths[-1], -1)
+            h, _ = self.decoder_lstm(steps)  # (B, L, channels[-1])
+            h = h.transpose(1, 2)
+        else:
+            h = torch.relu(self.fc_decode(z)).unflatten(1, (-1, self.lengths[-1]))
+        return self.decoder_conv(h).transpose(1, 2), {}

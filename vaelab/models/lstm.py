@@ -5,6 +5,7 @@ from torch import nn
 
 from vaelab.errors import ConfigError
 from vaelab.models.base import GaussianVAE
+from vaelab.models.priors import PriorFactory
 
 
 class LSTMVAE(GaussianVAE):
@@ -18,8 +19,9 @@ class LSTMVAE(GaussianVAE):
         n_layers: int = 2,
         dropout: float = 0.0,
         posterior_logvar_min: float | None = -6.0,
+        prior: PriorFactory | None = None,
     ) -> None:
-        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2, prior=prior)
         if hidden_dim < 1:
             raise ConfigError(f"model.hidden_dim must be ≥ 1, got {hidden_dim}")
         if n_layers < 1:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vaelab.models.base import GaussianVAE
+from vaelab.models.priors import PriorFactory
 
 
 def _dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
@@ -31,8 +32,11 @@ class MLPVAE(GaussianVAE):
         hidden_dims: Sequence[int] = (512, 256),
         dropout: float = 0.0,
         posterior_logvar_min: float | None = -6.0,
+        prior: PriorFactory | None = None,
     ) -> None:
-        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=None)
+        super().__init__(
+            input_shape, latent_dim, posterior_logvar_min, input_rank=None, prior=prior
+        )
         hidden = [int(h) for h in hidden_dims]
         n_features = math.prod(self.input_shape)
 

@@ -15,6 +15,7 @@ from vaelab.models.layers import (
     conv_out_length,
     transpose_output_padding,
 )
+from vaelab.models.priors import PriorFactory
 
 
 class ConvSpec(NamedTuple):
@@ -75,8 +76,9 @@ class MultiScaleConv1DVAE(GaussianVAE):
         stock_layers: bool = False,
         merge_width: int | None = None,
         decoder_branch_width: int | None = None,
+        prior: PriorFactory | None = None,
     ) -> None:
-        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2)
+        super().__init__(input_shape, latent_dim, posterior_logvar_min, input_rank=2, prior=prior)
         if base_channels < 2 or base_channels % 2:
             raise ConfigError(f"model.base_channels must be even and ≥ 2, got {base_channels}")
         n_steps, n_channels = self.input_shape
