@@ -230,3 +230,117 @@ def test_vitals_missing_file(tmp_path) -> None:
     path = str(tmp_path / "absent.csv")
     with pytest.raises(DataError, match=rf"^{re.escape(path)}: file not found.*patient, timestamp"):
         load_vitals_windows(path)
+
+
+# --- day of week (seed 003's optional weekly encoding) ---------------------------------------
+
+
+def test_vitals_day_of_week_of_a_monday_and_across_midnight(tmp_path) -> None:
+    # 2024-03-04 was a Monday: d = 0 -> sin 0, cos 1. The window runs past midnight into
+    # Tuesday (d = 1), where the angle jumps by 2 pi / 7.
+    times = [f"2024-03-04T23:59:{s:02d}" for s in range(40, 60)]
+    times += [f"2024-03-05T00:00:{s:02d}" for s in range(20)]
+    s = load_vitals_windows(
+        write_csv(tmp_path / "mon.csv", series_rows("M", times, times)),
+        window=40,
+        day_of_week=True,
+    )
+    assert s.channel_names == ["HR", "SpO2", "sin_time", "cos_time", "sin_day", "cos_day"]
+    assert s.unnormalised_channels == ("sin_time", "cos_time", "sin_day", "cos_day")
+    assert s.values.shape == (1, 40, 6)
+    monday, tuesday = s.values[0, :20, 4:], s.values[0, 20:, 4:]
+    np.testing.assert_allclose(monday, np.tile([0.0, 1.0], (20, 1)), atol=1e-6)
+    angle = 2 * np.pi / 7
+    np.testing.assert_allclose(tuesday, np.tile([np.sin(angle), np.cos(angle)], (20, 1)), atol=1e-6)
+    # The time of day is unchanged by the option: 23:59:40 is 86380 s after midnight.
+    np.testing.assert_allclose(s.values[0, 0, 2], np.sin(2 * np.pi * 86380 / 86400), atol=1e-6)
+
+
+def test_vitals_day_of_week_of_unix_seconds(tmp_path) -> None:
+    # Unix time 0 fell on Thursday 1970-01-01: 4 days later (345600 s) is Monday the 5th,
+    # 6 days later Wednesday the 7th (d = 2).
+    for start, day in ((345600 + 3600, 0), (6 * 86400 + 60, 2)):
+        times = [start + k for k in range(0, 20, 2)]
+        path = write_csv(tmp_path / f"{start}.csv", series_rows("U", times, times))
+        s = load_vitals_windows(path, window=8, day_of_week=True)
+        angle = 2 * np.pi * day / 7
+        np.testing.assert_allclose(s.values[0, 0, 4:], [np.sin(angle), np.cos(angle)], atol=1e-6)
+
+
+def test_vitals_day_of_week_leaves_the_other_channels_and_the_normaliser_alone() -> None:
+    plain = load_vitals_windows(n_patients=6, hours=0.3, seed=2)
+    weekly = load_vitals_windows(n_patients=6, hours=0.3, seed=2, day_of_week=True)
+    np.testing.assert_array_equal(weekly.values[..., :4], plain.values)
+    np.testing.assert_array_equal(weekly.ids, plain.ids)
+    # Each value is one of the 7 days' points on the circle.
+    days = np.round(
+        np.mod(np.arctan2(weekly.values[..., 4], weekly.values[..., 5]), 2 * np.pi)
+        / (2 * np.pi / 7),
+        4,
+    )
+    assert set(np.unique(days)) <= set(map(float, range(7)))
+    data = prepare(weekly, 0.2, 0.2, seed=0)
+    np.testing.assert_array_equal(data.values.numpy()[..., 4:], weekly.values[..., 4:])
+
+
+def test_vitals_day_of_week_must_be_a_boolean() -> None:
+    with pytest.raises(DataError, match=r"day_of_week: expected true or false, found 'yes'"):
+        load_vitals_windows(n_patients=2, hours=0.1, day_of_week="yes")
+
+
+# --- a CSV with other column names -----------------------------------------------------------
+
+MAPPING = {"patient": "subject_id", "timestamp": "charttime", "hr": "heart_rate", "label": "risk"}
+
+
+def test_vitals_columns_map_other_header_names(tmp_path) -> None:
+    rows = series_rows("A", range(0, 40, 2), range(0, 40, 5), hr=lambda t: 60 + t, label=1)
+    standard = load_vitals_windows(
+        write_csv(tmp_path / "std.csv", rows, "patient,timestamp,hr,spo2,label"), window=16
+    )
+    # Other names, another order of columns, spo2 keeping its own name (matched ignoring case).
+    renamed = [(r[1], r[4], r[3], r[2], r[0]) for r in rows]
+    header = "CHARTTIME, risk, SpO2, heart_rate, subject_id"
+    mapped = load_vitals_windows(
+        write_csv(tmp_path / "icu.csv", renamed, header), window=16, columns=MAPPING
+    )
+    np.testing.assert_array_equal(mapped.values, standard.values)
+    np.testing.assert_array_equal(mapped.ids, standard.ids)
+    assert mapped.labels.tolist() == [1] * len(mapped)
+
+
+def test_vitals_a_missing_mapped_column_names_the_file_column_and_key(tmp_path) -> None:
+    path = write_csv(tmp_path / "icu.csv", [("A", 0, 70, 97)], "subject_id,charttime,hr,spo2")
+    with pytest.raises(DataError) as info:
+        load_vitals_windows(path, window=8, columns=MAPPING)
+    assert str(info.value).startswith(
+        f"{path}: missing column(s) heart_rate (columns.hr), risk (columns.label): expected "
+        "columns subject_id, charttime, heart_rate, spo2 (risk optional) through columns "
+        "{patient: subject_id, timestamp: charttime, hr: heart_rate, label: risk}"
+    )
+
+
+def test_vitals_a_bad_cell_names_the_mapped_column(tmp_path) -> None:
+    path = write_csv(
+        tmp_path / "icu.csv", [("A", 0, "fast", 97)], "subject_id,charttime,heart_rate,spo2"
+    )
+    with pytest.raises(DataError, match=r"line 2: column 'heart_rate': expected a number"):
+        load_vitals_windows(
+            path,
+            window=8,
+            columns={"hr": "heart_rate", "patient": "subject_id", "timestamp": "charttime"},
+        )
+
+
+@pytest.mark.parametrize(
+    ("columns", "pattern"),
+    [
+        ({"heartrate": "hr"}, r"columns: unknown key\(s\) heartrate: expected keys patient, "),
+        ({"hr": ""}, r"columns.hr: expected a header name, found ''"),
+        ({"hr": 3}, r"columns.hr: expected a header name, found 3"),
+    ],
+)
+def test_vitals_bad_columns_mapping(tmp_path, columns: dict, pattern: str) -> None:
+    path = write_csv(tmp_path / "v.csv", [("A", 0, 70, 97)])
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}: {pattern}"):
+        load_vitals_windows(path, window=8, columns=columns)

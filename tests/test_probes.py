@@ -1,5 +1,6 @@
 """Downstream probes of latents whose answer is known by construction: clustering against a PCA
-baseline, anomaly detection, a linear probe, factor R²."""
+baseline and (sequences) against FPCA, a linear probe, factor R². The anomaly detector (seed 003)
+is tested in tests/test_risk_scores.py."""
 
 import logging
 import math
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 
 from vaelab.probes import (
-    anomaly_scores,
+    FPCA_VARIANCE,
     cluster_latents,
+    cosine_basis,
     factor_r2,
+    fpca_scores,
     linear_probe,
     min_cluster_size,
     probe_latents,
@@ -98,53 +101,87 @@ def test_clustering_without_labels_has_no_agreement_scores():
     assert not any(k.endswith(("_ari", "_ami")) for k in m)
 
 
-# --- anomaly detection (seed 003: IsolationForest on the normal class) ----------------------
+# --- FPCA (seed 000: HDBSCAN on FPCA + VAE against FPCA alone) ------------------------------
 
 
-def anomaly_data(shift: float, seed: int = 0):
-    """Class 0 ~ N(0, I) and class 1 ~ N(shift, I) in 4-D; 300/30 train, 100/100 test."""
-    rng = np.random.default_rng(seed)
-    labels_train = np.repeat([0, 1], [300, 30])
-    labels_test = np.repeat([0, 1], [100, 100])
-    mu_train = rng.standard_normal((330, 4)) + shift * labels_train[:, None]
-    mu_test = rng.standard_normal((200, 4)) + shift * labels_test[:, None]
-    return mu_train, mu_test, labels_train, labels_test
+def test_cosine_basis_is_orthonormal():
+    basis = cosine_basis(50, 13)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(13), atol=1e-12)
+    np.testing.assert_allclose(basis[0], np.full(50, 1 / np.sqrt(50)))
 
 
-def test_a_planted_anomaly_class_is_found():
-    mu_train, mu_test, y_train, y_test = anomaly_data(shift=6.0)
-    m = anomaly_scores(mu_train, mu_test, y_train, y_test)
-    assert m["eval/anomaly_auc"] > 0.95
-    assert m["eval/anomaly_score_mean/1"] > m["eval/anomaly_score_mean/0"]
-    assert m["eval/anomaly_n_fit"] == 300  # the normal class only
+def test_fpca_keeps_the_fewest_components_holding_85_percent_per_channel():
+    # Channel 0: a sin(.) + b cos(.) with Var a = 4, Var b = 1 (slow curves, kept whole by the
+    # smoothing): one component holds 80%, two hold 100%, so 2 are kept. Channel 1: c times
+    # one curve, a single component. Channel 2: constant, no component.
+    rng = np.random.default_rng(0)
+    n, t = 400, 64
+    phase = 2 * np.pi * np.arange(t) / t
+    a, b, c = 2 * rng.standard_normal(n), rng.standard_normal(n), rng.standard_normal(n)
+    a, b = a - a.mean(), b - b.mean()
+    a *= 2 / a.std()  # exactly Var a = 4, Var b = 1, uncorrelated: shares 0.8 and 0.2
+    b -= a * (a @ b) / (a @ a)
+    b /= b.std()
+    x = np.stack(
+        [
+            a[:, None] * np.sin(phase) + b[:, None] * np.cos(phase),
+            c[:, None] * np.sin(2 * phase),
+            np.full((n, t), 3.0),
+        ],
+        axis=2,
+    )
+    scores, m = fpca_scores(x)
+    assert FPCA_VARIANCE == 0.85
+    assert scores.shape == (n, 3) and m["eval/fpca_n_components"] == 3
+    assert m["eval/fpca_explained_variance"] == pytest.approx(1.0)
+    # The first score of channel 0 is +-a scaled by the curve's norm: |corr| = 1.
+    assert abs(np.corrcoef(scores[:, 0], a)[0, 1]) == pytest.approx(1.0, abs=1e-6)
+    assert abs(np.corrcoef(scores[:, 2], c)[0, 1]) == pytest.approx(1.0, abs=1e-6)
+    # 90% would need the same 2 components of channel 0; 75% only 1.
+    assert fpca_scores(x, variance=0.75)[0].shape == (n, 2)
 
 
-def test_overlapping_classes_score_chance_auc():
-    mu_train, mu_test, y_train, y_test = anomaly_data(shift=0.0)
-    m = anomaly_scores(mu_train, mu_test, y_train, y_test)
-    assert abs(m["eval/anomaly_auc"] - 0.5) < 0.08
+def test_fpca_smoothing_drops_fast_noise():
+    # A fast cosine (period 2 x 64 / 60 ~ 2 steps, 5 times larger than the slow curve) lies
+    # above the smoothing basis's cutoff (period >= 8 steps: its first 16 cosines).
+    rng = np.random.default_rng(1)
+    slow = rng.standard_normal(200)[:, None] * np.sin(2 * np.pi * np.arange(64) / 64)
+    fast = rng.standard_normal((200, 1)) * cosine_basis(64, 61)[60] * np.sqrt(32)
+    scores, m = fpca_scores((slow + 5 * fast)[:, :, None])
+    assert m["eval/fpca_n_components"] == 1
+    assert abs(np.corrcoef(scores[:, 0], slow[:, 16])[0, 1]) > 0.999
 
 
-def test_anomaly_without_labels_fits_every_training_sample():
-    mu_train, mu_test, _, _ = anomaly_data(shift=6.0)
-    m = anomaly_scores(mu_train, mu_test)
-    assert m["eval/anomaly_n_fit"] == 330
-    assert "eval/anomaly_auc" not in m
-    assert m["eval/anomaly_score_mean"] > 0
+def test_fpca_vae_beats_fpca_when_the_clusters_are_only_in_the_latents():
+    # Two groups that the curves cannot tell apart: the same distribution of smooth random
+    # curves in both; the latents carry the groups (seed 000: what FPCA alone misses).
+    rng = np.random.default_rng(2)
+    n, t = 300, 48
+    labels = np.repeat([0, 1], n // 2)
+    phase = 2 * np.pi * np.arange(t) / t
+    weights = rng.standard_normal((n, 2, 3))
+    sequences = np.einsum("nkc,kt->ntc", weights, np.stack([np.sin(phase), np.cos(phase)]))
+    mu = np.where(labels[:, None] == 1, 4.0, -4.0) + rng.standard_normal((n, 3))
+    m = cluster_latents(mu, sequences.reshape(n, -1), labels, sequences=sequences)
+    assert abs(m["eval/hdbscan_fpca_ari"]) < 0.1
+    assert m["eval/hdbscan_fpca_vae_ari"] > 0.9
+    assert m["eval/hdbscan_fpca_vae_n_clusters"] == 2
+    assert m["eval/fpca_n_components"] == 6  # 2 per channel: sin and cos
+    assert {
+        f"eval/hdbscan_fpca{s}_{k}" for s in ("", "_vae") for k in ("ami", "silhouette")
+    } <= set(m)
 
 
-def test_string_labels_become_metric_names():
-    mu_train, mu_test, y_train, y_test = anomaly_data(shift=6.0)
-    names = np.array(["Low Risk", "High Risk"])
-    m = anomaly_scores(mu_train, mu_test, names[y_train], names[y_test], normal_label="Low Risk")
-    assert m["eval/anomaly_auc"] > 0.95
-    assert {"eval/anomaly_score_mean/High_Risk", "eval/anomaly_score_mean/Low_Risk"} <= set(m)
-
-
-def test_anomaly_without_a_normal_class_in_training_stops():
-    mu_train, mu_test, y_train, y_test = anomaly_data(shift=6.0)
-    with pytest.raises(ValueError, match="normal class 7"):
-        anomaly_scores(mu_train, mu_test, y_train, y_test, normal_label=7)
+def test_fpca_comparison_only_for_sequences_and_active_latents(caplog):
+    rng = np.random.default_rng(3)
+    mu, labels = blobs(rng, 50, dim=3)
+    assert not any("fpca" in k for k in cluster_latents(mu, mu, labels))  # feature vectors
+    sequences = np.repeat(mu[:, None, :], 8, axis=1)
+    with caplog.at_level(logging.INFO, logger="vaelab.probes"):
+        m = cluster_latents(np.zeros_like(mu), mu, labels, sequences=sequences)
+    assert m["eval/hdbscan_fpca_n_clusters"] == 3
+    assert not any(k.startswith("eval/hdbscan_fpca_vae") for k in m)
+    assert "FPCA + VAE skipped" in caplog.text
 
 
 # --- linear probe --------------------------------------------------------------------------
@@ -224,9 +261,11 @@ def test_probe_latents_runs_everything_that_applies():
     m = probe_latents(mu, split, inputs, labels, factors, seed=0)
     assert m["eval/hdbscan_latent_n_clusters"] == 3
     assert m["eval/probe_accuracy"] > 0.95
-    # class 0 is normal; classes 1 and 2 lie far from it
-    assert m["eval/anomaly_auc"] > 0.95
     assert m["eval/factor_r2/position"] > 0.999
+    # (N, T, C) inputs: the FPCA comparison too; the anomaly detector is score_risk's
+    assert m["eval/hdbscan_fpca_n_clusters"] == 3
+    assert m["eval/hdbscan_fpca_vae_ari"] > 0.95
+    assert not any("anomaly" in k for k in m)
     assert all(isinstance(v, float) for v in m.values())
 
 
@@ -238,7 +277,6 @@ def test_probe_latents_without_labels_or_factors_skips_gracefully(caplog):
     assert len(bare) < len(full)
     clustering = {k for k in full if k.startswith(("eval/hdbscan", "eval/pca"))}
     assert clustering - {k for k in clustering if k.endswith(("_ari", "_ami"))} <= set(bare)
-    assert "eval/anomaly_score_mean" in bare  # the forest fits all training samples
     assert not any(
         k.endswith(("_ari", "_ami", "_auc")) or "probe" in k or "factor" in k for k in bare
     )
@@ -252,7 +290,7 @@ def test_probe_latents_skips_a_split_that_is_too_small(caplog):
     with caplog.at_level(logging.INFO, logger="vaelab.probes"):
         m = probe_latents(mu, split, inputs, labels, factors)
     assert "eval/hdbscan_latent_n_clusters" in m
-    assert not any("probe" in k or "anomaly" in k or "factor" in k for k in m)
+    assert not any("probe" in k or "factor" in k for k in m)
     assert "3 test samples" in caplog.text
 
 

@@ -1,12 +1,17 @@
 """Windows of 1 s heart rate and SpO2 with sin/cos time of day (seed 003), from a CSV or generated.
 
 CSV layout: one row per observation, with the columns `patient`, `timestamp`, `hr` (bpm) and
-`spo2` (%), and optionally `label` (0/1, or "Low Risk"/"High Risk", one per patient). Header
-names are matched ignoring case and surrounding spaces. An empty `hr` or `spo2` cell (or NA,
+`spo2` (%), and optionally `label` (0/1, or "Low Risk"/"High Risk", one per patient). A file
+with other header names is read through `columns`, a mapping from those keys to its names
+(`{patient: subject_id, timestamp: charttime, hr: heart_rate}`; keys left out keep their own
+name; a mapped `label` is required). Header names are matched ignoring case and surrounding
+spaces. An empty `hr` or `spo2` cell (or NA,
 NaN, null) means that vital was not observed at that time, so HR and SpO2 may be sampled at
 different, irregular times. `timestamp` holds either seconds (counted from a midnight, e.g. Unix
 time, whose time of day is then UTC) or ISO 8601 date-times (`2024-03-01T06:00:00`, with or
 without one UTC offset shared by the whole file; the time of day is the wall clock as written).
+The day of week (day_of_week=true) of ISO date-times is their date's; seconds are read as Unix
+time for it (second 0 fell on Thursday 1970-01-01), so it means nothing for other seconds.
 
 Processing of each patient:
   1. Each vital's observations, duplicates at one timestamp averaged.
@@ -17,13 +22,18 @@ Processing of each patient:
   3. Windows of `window` samples every step = round(window * (1 - overlap)) samples, i.e.
      floor((L - window) / step) + 1 windows; 50 % overlap of 256 gives a step of 128.
   4. Channels (T, C) = (window, 4): HR, SpO2, sin_time, cos_time, with the time of day of each
-     step as the angle 2 pi (seconds since midnight) / 86400 (06:00 -> sin 1, cos 0).
+     step as the angle 2 pi (seconds since midnight) / 86400 (06:00 -> sin 1, cos 0); with
+     day_of_week, (window, 6): then sin_day, cos_day (seed 003's optional weekly encoding), the
+     angle 2 pi d / 7 of the step's day of week d, Monday 0 ... Sunday 6 (Monday -> sin 0,
+     cos 1; Wednesday -> sin(4 pi / 7), cos(4 pi / 7)). Whole days: the time within the day is
+     the time-of-day channels'.
 
 The sin/cos channels are named in `SampleSet.unnormalised_channels`, so the train-fitted
 normaliser z-scores HR and SpO2 only: sin/cos are already on [-1, 1] (seed 003), and z-scoring
 them would make their scale depend on the hours the training patients happen to cover.
 
-Synthetic patients (csv=None), each recorded for `hours` from a random time of day:
+Synthetic patients (csv=None), each recorded for `hours` from a random time of day (and a
+random day of week, which nothing in them depends on):
     HR(t)   = hr_baseline * (1 + circadian_amplitude * cos(2 pi (h(t) - circadian_phase) / 24))
               + 0.8 bpm per % of desaturation + AR(1) noise (phi 0.98, sd 3 bpm)
     SpO2(t) = spo2_baseline - desaturation(t) + AR(1) noise (phi 0.98, sd 0.4 %)
@@ -38,6 +48,7 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -51,9 +62,11 @@ logger = logging.getLogger(__name__)
 
 CHANNELS = ["HR", "SpO2", "sin_time", "cos_time"]
 TIME_CHANNELS = ("sin_time", "cos_time")
-COLUMNS = ("patient", "timestamp", "hr", "spo2")
-EXPECTED = "columns patient, timestamp, hr, spo2 (label optional)"
+DAY_CHANNELS = ("sin_day", "cos_day")  # with day_of_week=True, after TIME_CHANNELS
+COLUMNS = ("patient", "timestamp", "hr", "spo2")  # required; "label" optional
+COLUMN_KEYS = (*COLUMNS, "label")  # the keys of `columns`
 DAY_S = 86400.0
+UNIX_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 _MISSING = {"", "na", "n/a", "nan", "null", "none"}
 _LABEL_TEXT = {"low risk": 0, "high risk": 1}
 
@@ -77,6 +90,7 @@ class _Recording:
     spo2_t: np.ndarray
     spo2: np.ndarray
     label: int | None
+    weekday0: int = 0  # day of week (Monday 0) of the day starting at second 0 of the axis
 
 
 # ----------------------------------------------------------------------------- CSV reader
@@ -101,8 +115,11 @@ def _number(path: str, cell: str, column: str, line: int) -> float:
     return value
 
 
-def _parse_times(path: str, cells: list[str], lines: list[int]) -> np.ndarray:
-    """Timestamps as float64 seconds: numbers as given, ISO date-times from the first midnight."""
+def _parse_times(
+    path: str, cells: list[str], lines: list[int], column: str = "timestamp"
+) -> tuple[np.ndarray, int]:
+    """Timestamps as float64 seconds, numbers as given, ISO date-times from the first midnight,
+    and the day of week (Monday 0) of second 0: Unix time's for numbers, the first date's."""
     expected = "seconds or ISO 8601 date-times (2024-03-01T06:00:00)"
     try:
         float(cells[0])
@@ -116,22 +133,22 @@ def _parse_times(path: str, cells: list[str], lines: list[int]) -> np.ndarray:
                 seconds[i] = float(cell)
             except ValueError:
                 raise DataError(
-                    f"{path}: line {line}: column 'timestamp': expected seconds like the first "
+                    f"{path}: line {line}: column '{column}': expected seconds like the first "
                     f"row ({cells[0]!r}), found {cell!r}"
                 ) from None
             if not math.isfinite(seconds[i]):
                 raise DataError(
-                    f"{path}: line {line}: column 'timestamp': expected finite seconds, "
+                    f"{path}: line {line}: column '{column}': expected finite seconds, "
                     f"found {cell!r}"
                 )
-        return seconds
+        return seconds, UNIX_EPOCH_WEEKDAY
     stamps = []
     for cell, line in zip(cells, lines, strict=True):
         try:
             stamps.append(datetime.fromisoformat(cell.strip()))
         except ValueError:
             raise DataError(
-                f"{path}: line {line}: column 'timestamp': expected {expected}, found {cell!r}"
+                f"{path}: line {line}: column '{column}': expected {expected}, found {cell!r}"
             ) from None
     # The time of day is read from the wall clock as written, which is only one clock when
     # every timestamp carries the same UTC offset (or none).
@@ -139,15 +156,15 @@ def _parse_times(path: str, cells: list[str], lines: list[int]) -> np.ndarray:
     if len(offsets) > 1:
         found = sorted(str(o) for o in offsets)
         raise DataError(
-            f"{path}: column 'timestamp': expected one UTC offset (or none) for the whole file, "
+            f"{path}: column '{column}': expected one UTC offset (or none) for the whole file, "
             f"found {found}"
         )
     wall = np.array([s.replace(tzinfo=None) for s in stamps], dtype="datetime64[us]")
     origin = wall.min().astype("datetime64[D]")
-    return (wall - origin) / np.timedelta64(1, "s")
+    return (wall - origin) / np.timedelta64(1, "s"), origin.item().weekday()
 
 
-def _parse_label(path: str, cell: str, line: int) -> int | None:
+def _parse_label(path: str, cell: str, line: int, column: str = "label") -> int | None:
     """0/1 from 0, 1, "Low Risk" or "High Risk" (any case); None for an empty cell."""
     text = cell.strip().lower()
     if text in _MISSING:
@@ -161,32 +178,63 @@ def _parse_label(path: str, cell: str, line: int) -> int | None:
     if value in (0.0, 1.0):
         return int(value)
     raise DataError(
-        f"{path}: line {line}: column 'label': expected 0, 1, 'Low Risk' or 'High Risk', "
+        f"{path}: line {line}: column '{column}': expected 0, 1, 'Low Risk' or 'High Risk', "
         f"found {cell!r}"
     )
 
 
-def _read_csv(path: str) -> list[_Recording]:
-    """Read and check the CSV into one recording per patient, in order of first appearance."""
+def column_names(source: str, columns: Mapping[str, str] | None) -> dict[str, str]:
+    """The CSV header name of each key of COLUMN_KEYS: its own name unless `columns` maps it;
+    a DataError names a key that is not one, or a name that is not text."""
+    mapping = dict(columns or {})
+    unknown = sorted(set(mapping) - set(COLUMN_KEYS))
+    if unknown:
+        raise DataError(
+            f"{source}: columns: unknown key(s) {', '.join(map(str, unknown))}: expected keys "
+            f"{', '.join(COLUMN_KEYS)}, each mapped to a header name of the CSV"
+        )
+    for key, name in mapping.items():
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{source}: columns.{key}: expected a header name, found {name!r}")
+    return {key: mapping.get(key, key).strip() for key in COLUMN_KEYS}
+
+
+def _expected(names: dict[str, str]) -> str:
+    """What the header should hold, in the file's names."""
+    required = ", ".join(names[c] for c in COLUMNS)
+    renamed = [f"{key}: {names[key]}" for key in COLUMN_KEYS if names[key] != key]
+    mapped = f" through columns {{{', '.join(renamed)}}}" if renamed else ""
+    return f"columns {required} ({names['label']} optional){mapped}"
+
+
+def _read_csv(path: str, names: dict[str, str], label_required: bool) -> list[_Recording]:
+    """Read and check the CSV into one recording per patient, in order of first appearance.
+    `names`: the header name of each key (`column_names`)."""
+    expected = _expected(names)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (expected a CSV with {EXPECTED})")
+        raise DataError(f"{path}: file not found (expected a CSV with {expected})")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: expected a UTF-8 CSV with {EXPECTED}, found {err}") from err
+        raise DataError(f"{path}: expected a UTF-8 CSV with {expected}, found {err}") from err
     if not rows:
-        raise DataError(f"{path}: empty file (expected a header with {EXPECTED})")
+        raise DataError(f"{path}: empty file (expected a header with {expected})")
     header = [h.strip().lower() for h in rows[0]]
-    missing = [c for c in COLUMNS if c not in header]
+    required = (*COLUMNS, "label") if label_required else COLUMNS
+    missing = [key for key in required if names[key].lower() not in header]
     if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}: expected {EXPECTED}, "
-            f"found columns {rows[0]}"
+        which = ", ".join(
+            names[key] if names[key] == key else f"{names[key]} (columns.{key})" for key in missing
         )
-    col = {c: header.index(c) for c in (*COLUMNS, "label") if c in header}
+        raise DataError(
+            f"{path}: missing column(s) {which}: expected {expected}, found columns {rows[0]}"
+        )
+    col = {
+        key: header.index(names[key].lower()) for key in COLUMN_KEYS if names[key].lower() in header
+    }
 
-    names, stamps, lines, hr, spo2, labels = [], [], [], [], [], []
+    patients, stamps, lines, hr, spo2, labels = [], [], [], [], [], []
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue  # blank line
@@ -195,40 +243,44 @@ def _read_csv(path: str) -> list[_Recording]:
                 f"{path}: line {line}: expected {len(header)} fields like the header, "
                 f"found {len(row)}"
             )
-        name = row[col["patient"]].strip()
-        if not name:
-            raise DataError(f"{path}: line {line}: column 'patient': expected a name, found ''")
+        patient = row[col["patient"]].strip()
+        if not patient:
+            raise DataError(
+                f"{path}: line {line}: column '{names['patient']}': expected a name, found ''"
+            )
         if not row[col["timestamp"]].strip():
-            raise DataError(f"{path}: line {line}: column 'timestamp': expected a time, found ''")
-        names.append(name)
+            raise DataError(
+                f"{path}: line {line}: column '{names['timestamp']}': expected a time, found ''"
+            )
+        patients.append(patient)
         stamps.append(row[col["timestamp"]])
         lines.append(line)
-        hr.append(_number(path, row[col["hr"]], "hr", line))
-        spo2.append(_number(path, row[col["spo2"]], "spo2", line))
+        hr.append(_number(path, row[col["hr"]], names["hr"], line))
+        spo2.append(_number(path, row[col["spo2"]], names["spo2"], line))
         if "label" in col:
-            labels.append(_parse_label(path, row[col["label"]], line))
-    if not names:
+            labels.append(_parse_label(path, row[col["label"]], line, names["label"]))
+    if not patients:
         raise DataError(f"{path}: expected at least one observation row, found only the header")
-    seconds = _parse_times(path, stamps, lines)
+    seconds, weekday0 = _parse_times(path, stamps, lines, names["timestamp"])
 
-    hr_a, spo2_a, names_a = np.array(hr), np.array(spo2), np.array(names)
+    hr_a, spo2_a, patients_a = np.array(hr), np.array(spo2), np.array(patients)
     recordings = []
-    for name in dict.fromkeys(names):  # first-appearance order
-        rows_of = np.flatnonzero(names_a == name)
+    for name in dict.fromkeys(patients):  # first-appearance order
+        rows_of = np.flatnonzero(patients_a == name)
         label = None
         if "label" in col:
             found = sorted({labels[i] for i in rows_of} - {None})
             if len(found) != 1:
                 what = "only empty cells" if not found else f"labels {found}"
                 raise DataError(
-                    f"{path}: patient '{name}': column 'label': expected one label per "
-                    f"patient, found {what}"
+                    f"{path}: patient '{name}': column '{names['label']}': expected one label "
+                    f"per patient, found {what}"
                 )
             label = found[0]
         t = seconds[rows_of]
         hr_t, hr_v = _unique_times(t, hr_a[rows_of])
         spo2_t, spo2_v = _unique_times(t, spo2_a[rows_of])
-        recordings.append(_Recording(name, hr_t, hr_v, spo2_t, spo2_v, label))
+        recordings.append(_Recording(name, hr_t, hr_v, spo2_t, spo2_v, label, weekday0))
     return recordings
 
 
@@ -247,12 +299,14 @@ def _unique_times(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 class _Windows:
     """All windows of a cohort and where each came from."""
 
-    values: np.ndarray  # (N, window, 4) float32
+    values: np.ndarray  # (N, window, C) float32: C = 4, or 6 with the day of week
     patient: np.ndarray  # (N,) index into the recordings
     start: np.ndarray  # (N,) float64, time of the window's first step, seconds on the file axis
 
 
-def _cut_windows(source: str, recordings: list[_Recording], window: int, step: int) -> _Windows:
+def _cut_windows(
+    source: str, recordings: list[_Recording], window: int, step: int, day_of_week: bool = False
+) -> _Windows:
     """Resample each recording to 1 s over the span both vitals cover, then slide windows."""
     parts, patient, start, skipped, longest = [], [], [], [], 0
     for p, rec in enumerate(recordings):
@@ -267,16 +321,17 @@ def _cut_windows(source: str, recordings: list[_Recording], window: int, step: i
             continue
         grid = first + np.arange(n_grid, dtype=np.float64)
         angle = 2.0 * np.pi * np.mod(grid, DAY_S) / DAY_S
-        series = np.stack(
-            [
-                np.interp(grid, rec.hr_t, rec.hr),
-                np.interp(grid, rec.spo2_t, rec.spo2),
-                np.sin(angle),
-                np.cos(angle),
-            ],
-            axis=1,
-        )  # (L, 4)
-        # (n_windows, 4, window) views every `step` samples, then (n_windows, window, 4).
+        channels = [
+            np.interp(grid, rec.hr_t, rec.hr),
+            np.interp(grid, rec.spo2_t, rec.spo2),
+            np.sin(angle),
+            np.cos(angle),
+        ]
+        if day_of_week:  # whole days since second 0 of the axis, from that day's weekday
+            weekday = np.mod(rec.weekday0 + np.floor(grid / DAY_S), 7.0)
+            channels += [np.sin(2.0 * np.pi * weekday / 7.0), np.cos(2.0 * np.pi * weekday / 7.0)]
+        series = np.stack(channels, axis=1)  # (L, C)
+        # (n_windows, C, window) views every `step` samples, then (n_windows, window, C).
         windows = np.lib.stride_tricks.sliding_window_view(series, window, axis=0)[::step]
         parts.append(windows.transpose(0, 2, 1).astype(np.float32))
         patient.append(np.full(len(windows), p))
@@ -332,6 +387,9 @@ def _synthetic_recordings(
         "circadian_phase": np.mod(rng.normal(16.0, 1.5, n), 24.0),  # hour of the HR peak
         "start_time": rng.integers(0, int(DAY_S), n).astype(np.float64),  # s after midnight
     }
+    # The day of week of each patient's first day, from a stream of its own: the draws above
+    # (and so every generated value) stay what they were before this option.
+    weekday0 = np.random.default_rng([seed, 7]).integers(0, 7, n)
     recordings, desaturated = [], []
     t = np.arange(n_s, dtype=np.float64)
     for i in range(n):
@@ -363,6 +421,7 @@ def _synthetic_recordings(
                 spo2_t=f["start_time"] + spo2_t,
                 spo2=np.clip(np.round(spo2[spo2_t]), 50.0, 100.0),
                 label=int(high[i]),
+                weekday0=int(weekday0[i]),
             )
         )
         desaturated.append(dip > 0)
@@ -399,11 +458,15 @@ def load_vitals_windows(
     n_patients: int = 40,
     hours: float = 2.0,
     seed: int = 0,
+    day_of_week: bool = False,
+    columns: Mapping[str, str] | None = None,
 ) -> SampleSet:
-    """Windows (N, window, 4) of HR, SpO2, sin/cos time of day; see the module docstring.
+    """Windows (N, window, C) of HR, SpO2, sin/cos time of day (C = 4), and sin/cos day of
+    week with `day_of_week` (C = 6); see the module docstring.
 
     csv: the file to read, or None to generate `n_patients` patients of `hours` each from
-    `seed` (those three are ignored when a file is read).
+    `seed` (those three are ignored when a file is read). columns: the file's header name of
+    each of patient, timestamp, hr, spo2, label that is not named so (ignored when generating).
     """
     if csv is None:
         source = (
@@ -413,6 +476,9 @@ def load_vitals_windows(
     else:
         source = os.fspath(csv)
     _check_arguments(source, window, overlap, n_patients, hours)
+    if not isinstance(day_of_week, bool):
+        raise DataError(f"{source}: day_of_week: expected true or false, found {day_of_week!r}")
+    names = column_names(source, columns)
     window = int(window)
     # At least one sample: an overlap close to 1 would otherwise round the step to 0.
     step = max(1, int(round(window * (1.0 - float(overlap)))))
@@ -422,7 +488,7 @@ def load_vitals_windows(
         recordings, patient_factors, desaturated = _synthetic_recordings(
             int(n_patients), float(hours), seed
         )
-        cut = _cut_windows(source, recordings, window, step)
+        cut = _cut_windows(source, recordings, window, step, day_of_week)
         factors = {k: v[cut.patient] for k, v in patient_factors.items() if k != "start_time"}
         # Window-level factors: share of the window's seconds inside a desaturation episode,
         # and the hour of day at its first step.
@@ -435,8 +501,8 @@ def load_vitals_windows(
         )
         factors["time_of_day"] = np.mod(cut.start, DAY_S) / 3600.0
     else:
-        recordings = _read_csv(source)
-        cut = _cut_windows(source, recordings, window, step)
+        recordings = _read_csv(source, names, label_required="label" in (columns or {}))
+        cut = _cut_windows(source, recordings, window, step, day_of_week)
 
     names = np.array([r.name for r in recordings])
     groups = names[cut.patient]
@@ -461,9 +527,10 @@ def load_vitals_windows(
         masks=None,
         ids=ids,
         groups=groups,
-        channel_names=list(CHANNELS),
+        channel_names=[*CHANNELS, *DAY_CHANNELS] if day_of_week else list(CHANNELS),
         labels=labels,
         factors=factors,
         source=source,
-        unnormalised_channels=TIME_CHANNELS,
+        # sin/cos already on [-1, 1] (seed 003: "time features are NOT normalized")
+        unnormalised_channels=(*TIME_CHANNELS, *DAY_CHANNELS) if day_of_week else TIME_CHANNELS,
     )
