@@ -37,6 +37,9 @@ def test_model_options_build(compose_config, option):
 
 # The model each loss needs: the VQ loss reads a quantising model's codebook terms.
 LOSS_MODELS = {"vq": ["model=vqvae", "model.channels=[8]"]}
+# What a loss takes besides the batch: the supervised loss, its batch's latent targets (log V
+# and a centroid per sample, seed 004 Exp3).
+LOSS_INPUTS = {"supervised_latent": lambda: {"latent_targets": torch.randn(6, 4)}}
 
 
 @pytest.mark.parametrize("option", options("loss"))
@@ -46,7 +49,8 @@ def test_loss_options_build_and_score_a_batch(compose_config, option):
     model = build(cfg.model, input_shape=(40, 3))
     x, mask = torch.randn(6, 40, 3), (torch.rand(6, 40, 3) > 0.2).float()
     out = model(x)
-    terms = build(cfg.loss)(out, x, mask, 1.0, 50.0)
+    inputs = LOSS_INPUTS.get(option, dict)()
+    terms = build(cfg.loss)(out, x, mask, 1.0, 50.0, **inputs)
     # Its reconstruction term is the masked MSE of this batch, and the total is finite and
     # at least that (every other term is a non-negative penalty or KL).
     assert terms.recon.item() == pytest.approx(masked_mse(out.recon, x, mask).item(), rel=1e-6)

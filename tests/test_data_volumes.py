@@ -110,3 +110,21 @@ def test_volumes_bad_h5_names_file_key_and_expectation(tmp_path, write_h5, case:
 def test_volumes_bad_generator_arguments(kwargs: dict, pattern: str) -> None:
     with pytest.raises(DataError, match=rf"^volumes\(.*\): {pattern}"):
         load_volumes(**kwargs)
+
+
+def test_volumes_centroid_factors_are_the_centre_of_mass_of_each_lesion() -> None:
+    # The targets of seed 004's z_loc: the centroid of the voxels the lesion brightens in
+    # FLAIR (t2f) against the same subject without it, in [-1, 1] coordinates.
+    size = 32
+    s = load_volumes(n_subjects=3, size=size, seed=5)
+    c = (np.arange(size) + 0.5) / size * 2 - 1
+    grid = np.stack(np.meshgrid(c, c, c, indexing="ij"))
+    for i in range(3):
+        centre = np.array([s.factors[f"centroid_{a}"][i] for a in "dhw"])
+        semi = np.array([s.factors[f"lesion_radius_{a}"][i] * 2 / size for a in "dhw"])
+        offset = (grid - centre[:, None, None, None]) / semi[:, None, None, None]
+        inside = (offset**2).sum(axis=0) <= 1
+        centre_of_mass = grid[:, inside].mean(axis=1)
+        # within half a voxel (1 / size in [-1, 1] units) of the factor on every axis
+        assert np.abs(centre_of_mass - centre).max() < 1.0 / size
+        assert inside.sum() > 0

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from vaelab.config import build
 from vaelab.diagnostics import (
     CollapseCriteria,
     active_units,
@@ -12,6 +13,7 @@ from vaelab.diagnostics import (
     codebook_verdict,
     collapse_verdict,
     diagnose,
+    expected_kl_floor,
     mi_samples,
     mutual_information,
     sweep_constraints,
@@ -309,3 +311,108 @@ def test_gaussian_diagnostics_have_no_codebook_metrics():
     result = diagnose(Identity(), x, torch.ones_like(x), ElboLoss(), 1.0, 4, torch.device("cpu"))
     assert result.codes is None
     assert not any("codebook" in name for name in result.metrics("val"))
+
+
+# --- seed 004's further collapse diagnostics: z_std, recon_delta_mu_vs_sampled, KL floor ---------
+
+
+class QuarterVarianceVAE(LookupVAE):
+    """LookupVAE with posteriors N(x_0, 0.25): σ = 0.5 in every dimension."""
+
+    def encode(self, x):
+        return x[:, :1], torch.full((len(x), 1), math.log(0.25))
+
+
+def test_z_std_is_the_mean_posterior_standard_deviation():
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    args = dict(loss_fn=ElboLoss(), beta=1.0, batch_size=16, device=torch.device("cpu"))
+    quarter = diagnose(QuarterVarianceVAE(uses_z=True), x, torch.ones_like(x), **args)
+    prior_like = diagnose(LookupVAE(uses_z=True), x, torch.ones_like(x), **args)
+    assert quarter.metrics("val")["val/z_std"] == pytest.approx(0.5)
+    assert prior_like.metrics("val")["val/z_std"] == pytest.approx(1.0)  # logvar 0: σ = 1
+
+
+def test_recon_delta_is_zero_for_a_decoder_that_ignores_z():
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    args = dict(loss_fn=ElboLoss(), beta=1.0, batch_size=16, device=torch.device("cpu"))
+    ignores = diagnose(QuarterVarianceVAE(uses_z=False), x, torch.ones_like(x), **args)
+    assert ignores.recon_sampled == ignores.recon > 0  # the same constant recon either way
+    assert ignores.metrics("val")["val/recon_delta_mu_vs_sampled"] == 0.0
+
+
+def test_recon_delta_of_a_decoder_that_copies_z_is_the_sampling_noise():
+    # recon(z) = z and mu = x exactly: decoding mu costs nothing, decoding mu + 0.5 eps costs
+    # 0.25 eps² per entry; eps is diagnose's own stream (seed 0), drawn batch by batch.
+    x = torch.linspace(-2, 2, 40)[:, None].expand(-1, 3).contiguous()
+    args = dict(loss_fn=ElboLoss(), beta=1.0, batch_size=16, device=torch.device("cpu"))
+    uses = diagnose(QuarterVarianceVAE(uses_z=True), x, torch.ones_like(x), **args)
+    generator = torch.Generator().manual_seed(0)
+    eps = torch.cat([torch.randn((n, 1), generator=generator) for n in (16, 16, 8)])
+    expected = float((0.25 * eps**2).mean())
+    assert uses.recon == pytest.approx(0.0, abs=1e-12)
+    delta = uses.metrics("val")["val/recon_delta_mu_vs_sampled"]
+    assert delta == pytest.approx(expected, rel=1e-5)
+    assert 0.1 < delta < 0.5  # ≈ σ² = 0.25 over 40 draws
+    # evaluating repeats exactly and leaves the global random stream where it was
+    torch.manual_seed(7)
+    next_draws = torch.randn(3)
+    torch.manual_seed(7)
+    again = diagnose(QuarterVarianceVAE(uses_z=True), x, torch.ones_like(x), **args)
+    assert again.recon_sampled == uses.recon_sampled
+    assert torch.equal(torch.randn(3), next_draws)
+
+
+@pytest.mark.parametrize("mode", ["per_dim", "batch_mean", "per_sample"])
+def test_expected_kl_floor_is_the_constrained_kl_of_a_collapsed_posterior(mode):
+    # Seed 004: "128 dims x 0.2 = 25.6 nats floor", in every free-bits mode. A posterior at
+    # the prior (raw KL 0) pays exactly that as its constrained KL.
+    class Collapsed(torch.nn.Module):
+        latent_dim = 128
+
+        def decode(self, z):
+            return torch.zeros(len(z), 3), {}
+
+        def forward(self, x):
+            mu = torch.zeros(len(x), self.latent_dim)
+            return output(torch.zeros_like(x), mu, torch.zeros_like(mu))
+
+    x = torch.randn(12, 3)
+    loss = ElboLoss(free_bits=0.2, free_bits_mode=mode)
+    result = diagnose(Collapsed(), x, torch.ones_like(x), loss, 1.0, 4, torch.device("cpu"))
+    metrics = result.metrics("val")
+    assert metrics["val/expected_kl_floor"] == pytest.approx(25.6)
+    assert metrics["val/kl"] == 0.0
+    assert metrics["val/kl_constrained"] == pytest.approx(metrics["val/expected_kl_floor"])
+    assert metrics["val/recon_delta_mu_vs_sampled"] == 0.0 and metrics["val/z_std"] == 1.0
+
+
+def test_kl_floor_is_zero_without_free_bits_and_absent_for_a_vqvae(tiny_vqvae):
+    assert expected_kl_floor(ElboLoss(), 32) == 0.0
+    assert expected_kl_floor(VQLoss(), 32) is None
+    values = torch.randn(12, 40, 1)
+    result = diagnose(
+        tiny_vqvae(codebook_size=8),
+        values,
+        torch.ones_like(values),
+        VQLoss(),
+        1.0,
+        4,
+        torch.device("cpu"),
+    )
+    names = set(result.metrics("val"))
+    assert not names & {"val/z_std", "val/recon_delta_mu_vs_sampled", "val/expected_kl_floor"}
+
+
+@pytest.mark.parametrize("name", ["mri3d_baseline", "mri3d_dipvae", "mri3d_supervised"])
+def test_mri3d_verdicts_ask_seed_004s_strict_au_above_10_and_kl_above_10(compose_config, name):
+    criteria = build(compose_config([f"experiment={name}"]).verdict)
+
+    def verdict(n_active, kl):
+        mu = torch.zeros(100, 128)
+        mu[:, :n_active] = torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0)[:, None]
+        return collapse_verdict(kl, mu, torch.zeros(100, 128), 1.0, 0.5, 1.0, criteria)
+
+    assert verdict(11, 10.01)["verdict"] == "healthy"
+    on_the_edge = verdict(10, 10.0)  # AU = 10 and KL = 10 nats are not "> 10"
+    assert on_the_edge["verdict"] == "collapsed"
+    assert on_the_edge["failed"] == "kl, active_units"

@@ -50,6 +50,19 @@ def test_kl_matches_torch_distributions():
     )
 
 
+def test_kl_against_a_gaussian_of_given_mean_and_variance_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 4), torch.randn(5, 4)
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(mean, var.sqrt())
+    expected = torch.distributions.kl_divergence(q, p)
+    assert torch.allclose(gaussian_kl_per_dim(mu, logvar, mean, var), expected, atol=1e-5)
+    # N(0, 1) given explicitly: the closed form against the standard normal
+    standard = gaussian_kl_per_dim(mu, logvar, torch.zeros(4), torch.ones(4))
+    assert torch.allclose(standard, gaussian_kl_per_dim(mu, logvar), atol=1e-6)
+
+
 def test_masked_mse_ignores_unobserved_entries():
     target = torch.zeros(1, 2, 2)
     recon = torch.tensor([[[1.0, 100.0], [3.0, 100.0]]])

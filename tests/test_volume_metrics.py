@@ -18,6 +18,7 @@ from vaelab.volume_metrics import (
     ssim_3d,
     volume_range,
     volume_reconstruction_metrics,
+    volume_scores,
 )
 
 
@@ -219,3 +220,22 @@ def test_reconstruction_metrics_of_a_conv3d_model() -> None:
     assert model.training  # its mode is given back
     assert all(math.isfinite(v) for v in metrics.values())
     assert -1.0 <= metrics["eval/ssim"] <= 1.0
+
+
+def test_volume_scores_are_ssim_and_psnr_per_volume_and_channel_at_each_volumes_range() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12, 12)
+    x[1] *= 4.0  # another range: each volume is scored against its own max − min
+    recon = x + 0.1 * torch.randn_like(x)
+    ssim, scores = volume_scores(x, recon)
+    peak = volume_range(x)
+    torch.testing.assert_close(ssim, ssim_3d(x, recon, peak))
+    torch.testing.assert_close(scores, psnr(x, recon, peak))
+    assert ssim.shape == scores.shape == (2, 3)
+    # PSNR by hand: 10 log10(range² / MSE) of volume 1, channel 2
+    mse = ((x[1, 2] - recon[1, 2]) ** 2).mean()
+    by_hand = 10 * torch.log10((x[1, 2].max() - x[1, 2].min()) ** 2 / mse)
+    assert scores[1, 2].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    small = x[:, :, :8, :8, :8]  # sides below the 11³ SSIM window: PSNR only
+    ssim_small, psnr_small = volume_scores(small, small + 0.1)
+    assert torch.isnan(ssim_small).all() and torch.isfinite(psnr_small).all()

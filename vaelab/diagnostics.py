@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vaelab.losses import LOG_2PI, ReconstructionLoss, code_perplexity, gaussian_kl_per_dim
+from vaelab.losses import (
+    LOG_2PI,
+    GaussianLoss,
+    ReconstructionLoss,
+    code_perplexity,
+    gaussian_kl_per_dim,
+)
 from vaelab.models.base import GaussianVAE
 
 # Burda et al. 2016 (IWAE paper), section 5.2: a unit is active when Var_x(mu) ≥ 0.01, i.e.
@@ -250,6 +256,26 @@ def codebook_verdict(
     return _verdict(checks, {"codebook_usage": usage, "z_gain": z_gain})
 
 
+def expected_kl_floor(loss_fn: ReconstructionLoss, latent_dim: int) -> float | None:
+    """The free-bits floor of the KL term, nats per sample: free_bits x latent_dim (seed 004:
+    "128 dims x 0.2 = 25.6 nats floor"); None for a loss without free bits (VQ).
+
+    It is the constrained KL at raw KL 0, the same λ·D in every mode of `free_bits_kl`:
+    per_dim Σ_d max(λ, 0), batch_mean max(λ·D, 0), per_sample mean_b Σ_d max(λ, 0). It is a
+    floor of the term β multiplies, not of the raw KL: below it the term is flat, so nothing
+    pushes the KL lower, and nothing pushes it higher either. Seed 004 reads it as a floor the
+    raw KL "should exceed", and a raw KL under it as an encoder collapsed to the prior; that
+    is where its reading is flawed: under batch_mean (its default) a healthy model may spend
+    less than λ·D nats on a few informative dimensions (its own healthy threshold, KL > 10
+    nats, lies below its 25.6-nat floor), and a raw KL above the floor says nothing about
+    information (see the module docstring). Read it beside kl_raw: raw ≪ floor means the
+    floor, not the data, sets the KL term.
+    """
+    if not isinstance(loss_fn, GaussianLoss):
+        return None
+    return float(loss_fn.free_bits) * latent_dim
+
+
 @dataclass
 class Diagnostics:
     """Loss terms and collapse diagnostics of one split, plus its posterior means."""
@@ -273,12 +299,23 @@ class Diagnostics:
     # codebook indices (N, n_latents) of a quantising model (VAEOutput.extras["codes"]); None
     # for Gaussian models
     codes: torch.Tensor | None = None
+    # Seed 004's decoder z-dependence: the masked MSE of decoding one z ~ q(z|x) per sample,
+    # beside `recon` (z = mu). None for a quantising model (its posterior is a point).
+    recon_sampled: float | None = None
+    # The constrained KL when the raw KL is 0: the least the β-weighted KL term can be
+    # (`expected_kl_floor`); None for a loss without free bits (VQ)
+    kl_floor: float | None = None
+    # (mean, variance), (D,) each, of a mixture prior (`prior_moments`); None under N(0, I)
+    prior_moments: tuple[torch.Tensor, torch.Tensor] | None = None
     _mi: float | None = field(default=None, repr=False)
 
     @property
     def kl_per_dim(self) -> torch.Tensor:
-        """Mean KL of each latent dimension over the split, nats."""
-        return gaussian_kl_per_dim(self.mu, self.logvar).mean(dim=0)
+        """Mean KL of each latent dimension over the split, nats: closed-form against N(0, I),
+        whose sum is kl_raw; under a mixture prior, against its moment-matched Gaussian (the
+        mixture's KL has no per-dimension split, vaelab.models.priors.MixturePrior), a view of
+        the dimensions in use whose sum is not kl_raw."""
+        return gaussian_kl_per_dim(self.mu, self.logvar, *(self.prior_moments or ())).mean(dim=0)
 
     @property
     def mi(self) -> float:
@@ -320,6 +357,14 @@ class Diagnostics:
             f"{prefix}/logvar_mean": float(self.logvar.mean()),
             f"{prefix}/recon_z0": self.recon_z0,
         }
+        if self.codes is None:  # Gaussian posteriors (seed 004 section 2's collapse table)
+            # mean posterior std: ≈ 1 for a prior-like (collapsed) posterior
+            metrics[f"{prefix}/z_std"] = float(torch.exp(0.5 * self.logvar).mean())
+        if self.recon_sampled is not None:
+            # > 0: sampling z off mu costs reconstruction, the decoder uses z; ≈ 0: it does not
+            metrics[f"{prefix}/recon_delta_mu_vs_sampled"] = self.recon_sampled - self.recon
+        if self.kl_floor is not None:
+            metrics[f"{prefix}/expected_kl_floor"] = self.kl_floor
         parts = {**self.branch_recon, **self.group_recon}
         metrics.update({f"{prefix}/recon_{name}": v for name, v in parts.items()})
         metrics.update({f"{prefix}/{name}": v for name, v in self.extras.items()})
@@ -329,6 +374,16 @@ class Diagnostics:
             metrics[f"{prefix}/codebook_usage"] = float(codebook_usage(self.codes))
             metrics[f"{prefix}/codebook_perplexity"] = float(code_perplexity(self.codes))
         return metrics
+
+
+def loss_inputs(
+    latent_targets: torch.Tensor | None, start: int, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """What a loss takes besides (output, x, mask, β, epoch) for the batch at `start`: the
+    batch's latent targets for a supervised loss (seed 004 Exp3), nothing for every other."""
+    if latent_targets is None:
+        return {}
+    return {"latent_targets": latent_targets[start : start + batch_size].to(device)}
 
 
 @torch.no_grad()
@@ -343,8 +398,12 @@ def diagnose(
     epoch: float = 0.0,
     feature_groups: dict[str, tuple[int, int]] | None = None,
     final_weights: tuple[float, float] | None = None,
+    latent_targets: torch.Tensor | None = None,
 ) -> Diagnostics:
     """Run the model in eval mode (z = mu) over `values` and measure loss and collapse.
+
+    `latent_targets`, one row per sample of `values`, go to a loss that regresses latent
+    dimensions on known factors (seed 004 Exp3: losses.SupervisedLatentLoss), batch by batch.
 
     `feature_groups` names ranges [start, stop) of the last axis whose reconstruction error
     is reported on its own, like seed 002's MSE per k-mer size. `final_weights` = (β, epoch)
@@ -362,11 +421,15 @@ def diagnose(
     squared_error: dict[str, float] = {}
     observed: dict[str, float] = {}
     mus, logvars, codes = [], [], []
+    # One z ~ q(z|x) per sample for recon_delta_mu_vs_sampled, from a generator of its own, so
+    # that a validation pass never moves the training random stream and repeats exactly.
+    generator = torch.Generator(device="cpu").manual_seed(0)
     for start in range(0, len(values), batch_size):
         x = values[start : start + batch_size].to(device, non_blocking=True)
         m = masks[start : start + batch_size].to(device, non_blocking=True)
         out = model(x)
-        terms = loss_fn(out, x, m, beta, epoch)
+        supervised = loss_inputs(latent_targets, start, batch_size, device)
+        terms = loss_fn(out, x, m, beta, epoch, **supervised)
         batch_terms = {
             "loss": terms.total,
             "nll": terms.nll,
@@ -375,11 +438,16 @@ def diagnose(
             **terms.extras,
         }
         if final_weights is not None:
-            batch_terms["loss_final_weights"] = loss_fn(out, x, m, *final_weights).total
+            at_final_weights = loss_fn(out, x, m, *final_weights, **supervised)
+            batch_terms["loss_final_weights"] = at_final_weights.total
         for name, value in batch_terms.items():
             per_sample[name] = per_sample.get(name, 0.0) + float(value) * len(x)
         errors = {"recon": (out.recon - x) ** 2 * m, "z0": (recon_z0 - x) ** 2 * m}
         errors.update({f"branch/{name}": (b - x) ** 2 * m for name, b in out.branches.items()})
+        if "codes" not in out.extras:  # a Gaussian posterior: decode a sample of it too
+            eps = torch.randn(out.mu.shape, generator=generator).to(device)
+            recon_sampled, _ = model.decode(out.mu + eps * torch.exp(0.5 * out.logvar))
+            errors["sampled"] = (recon_sampled - x) ** 2 * m
         counts = dict.fromkeys(errors, m)
         for name, (lo, hi) in (feature_groups or {}).items():
             errors[f"group/{name}"] = errors["recon"][..., lo:hi]
@@ -408,7 +476,19 @@ def diagnose(
         group_recon={k[6:]: v for k, v in mse.items() if k.startswith("group/")},
         extras=mean,
         codes=torch.cat(codes) if codes else None,
+        recon_sampled=mse.pop("sampled", None),
+        kl_floor=expected_kl_floor(loss_fn, model.latent_dim),
+        prior_moments=prior_moments(model),
     )
+
+
+def prior_moments(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-dimension mean and variance of a Gaussian model's mixture prior, on the CPU;
+    None under N(0, I), whose KL per dimension is closed-form, and for other models."""
+    if not isinstance(model, GaussianVAE) or model.prior.kl_estimator == "closed_form":
+        return None
+    mean, var = model.prior.moments(model.encode_in_eval_mode)
+    return mean.detach().cpu(), var.detach().cpu()
 
 
 @dataclass(frozen=True)
@@ -433,7 +513,8 @@ def importance_weighted_log_px(
     """The importance-weighted estimate of log p(x) (Burda et al. 2016, eq. 8), in eval mode.
 
     For each x, K samples z_k ~ q(z|x) weigh w_k = p(x|z_k) p(z_k) / q(z_k|x) with the loss's
-    Gaussian decoder (σ fixed or learned; observed entries only) and the N(0, I) prior:
+    Gaussian decoder (σ fixed or learned; observed entries only) and the model's prior (N(0, I)
+    unless it was built with another, vaelab.models.priors):
     log p(x) ≥ log (1/K) Σ w_k ≥ (1/K) Σ log w_k = the ELBO; the first tightens to log p(x) as
     K grows. This is the figure VAE papers compare models on. The samples come from a
     generator of their own, so evaluating never moves the training random stream. Each x draws
@@ -452,7 +533,7 @@ def importance_weighted_log_px(
         draws = [torch.randn((n_importance, mu.shape[1]), generator=generator) for _ in x]
         eps = torch.stack(draws, dim=1).to(mu.device)  # (K, b, D), drawn x by x
         z = mu + eps * torch.exp(0.5 * logvar)  # (K, b, D)
-        log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=-1)
+        log_prior = model.log_prior(z)
         log_posterior = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(dim=-1)
         flat_z = z.reshape(-1, z.shape[-1])  # row k * b + i: sample k of x_i
         log_lik = []

@@ -18,13 +18,15 @@ experiments reproduce their seeds' β.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from vaelab.errors import ConfigError
+from vaelab.distributed import gather_batch
+from vaelab.errors import ConfigError, DataError
 from vaelab.models.base import VAEOutput
 
 FreeBitsMode = Literal["per_dim", "batch_mean", "per_sample"]
@@ -41,7 +43,9 @@ class LossTerms:
     recon:          masked MSE of the final reconstruction (mean over observed entries), to read.
     nll:            -log p(x | z) of the final reconstruction, nats per sample, summed over the
                     observed entries under the loss's Gaussian decoder (σ fixed or learned).
-    kl_raw:         KL(q(z|x) || N(0, I)) in nats per sample, summed over latent dimensions.
+    kl_raw:         KL(q(z|x) || p(z)) in nats per sample, summed over latent dimensions:
+                    closed-form against N(0, I), the model's Monte-Carlo estimate under a
+                    mixture prior (VAEOutput.kl, vaelab.models.priors).
     kl_constrained: the KL term after the free-bits floor, in the same units; what β multiplies.
     branch_recon:   masked MSE of each decoder branch's own reconstruction (multi-scale models).
     extras:         further named terms of a particular loss (a penalty, its weight), logged
@@ -67,12 +71,25 @@ def masked_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return ((recon - target) ** 2 * mask).sum() / observed
 
 
-def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def gaussian_kl_per_dim(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mean: torch.Tensor | None = None,
+    prior_var: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Closed-form KL(N(mu, exp(logvar)) || N(0, 1)) per sample and dimension, in nats.
 
-    Kingma & Welling 2014, appendix B: -1/2 (1 + log σ² - μ² - σ²).
+    Kingma & Welling 2014, appendix B: -1/2 (1 + log σ² - μ² - σ²). Given a prior mean m and
+    variance v per dimension, (D,) each, the KL against N(m, v) instead:
+    1/2 (log v - log σ² + (σ² + (μ - m)²) / v - 1); the diagnostics' per-dimension view under
+    a mixture prior, against its moment-matched Gaussian (vaelab.models.priors.MixturePrior).
     """
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    if prior_mean is None or prior_var is None:
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    prior_mean, prior_var = prior_mean.to(mu), prior_var.to(mu)
+    return 0.5 * (
+        prior_var.log() - logvar + (logvar.exp() + (mu - prior_mean).pow(2)) / prior_var - 1.0
+    )
 
 
 def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float, mode: FreeBitsMode) -> torch.Tensor:
@@ -233,10 +250,28 @@ class GaussianLoss(ReconstructionLoss):
         return kl_constrained if self.kl_reduction == "sum" else kl_constrained / latent_dim
 
     def kl(self, output: VAEOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kl_raw, kl_constrained): the KL and its free-bits version, nats per sample."""
-        kl_per_dim = gaussian_kl_per_dim(output.mu, output.logvar)
-        kl_raw = kl_per_dim.sum(dim=1).mean()
-        return kl_raw, free_bits_kl(kl_per_dim, self.free_bits, self.free_bits_mode)
+        """(kl_raw, kl_constrained): the KL and its free-bits version, nats per sample.
+
+        Against N(0, I) the KL is closed-form, per dimension. Under a mixture prior the model
+        gives a Monte-Carlo estimate per sample (`output.kl`), with no per-dimension split, so
+        the free-bits floor applies to the total: max(λ·D, mean_b KL_b), the batch_mean mode;
+        per_dim and per_sample, which floor single dimensions, are refused.
+        """
+        if output.kl is None:
+            kl_per_dim = gaussian_kl_per_dim(output.mu, output.logvar)
+            kl_raw = kl_per_dim.sum(dim=1).mean()
+            return kl_raw, free_bits_kl(kl_per_dim, self.free_bits, self.free_bits_mode)
+        if self.free_bits > 0 and self.free_bits_mode != "batch_mean":
+            raise ConfigError(
+                f"loss.free_bits_mode={self.free_bits_mode} floors the KL of each latent "
+                "dimension, which a mixture prior (model.prior) does not have: its KL is one "
+                "Monte-Carlo estimate per sample. Use loss.free_bits_mode=batch_mean, which "
+                "floors the total at free_bits x latent_dim"
+            )
+        kl_raw = output.kl.mean()
+        if self.free_bits <= 0:
+            return kl_raw, kl_raw
+        return kl_raw, kl_raw.clamp(min=self.free_bits * output.mu.shape[1])
 
 
 class ElboLoss(GaussianLoss):
@@ -382,6 +417,9 @@ class DipVaeLoss(ElboLoss):
     The λs follow a pure function of the epoch: 0 before `lambda_start_epoch`, so the VAE
     trains on its own first, then a linear warm-up over `lambda_annealing_epochs` to the
     targets (seed 004 recipe 1). β multiplies the KL exactly as in ElboLoss.
+
+    Under torchrun (vaelab.distributed), with `ddp_gather` (seed 004's use_ddp_gather), Cov is
+    taken over the global batch: the train step gathers mu and logvar from every rank.
     """
 
     def __init__(
@@ -397,6 +435,7 @@ class DipVaeLoss(ElboLoss):
         sigma: float | Literal["learned"] = 1.0,
         n_channels: int | None = None,
         channel_axis: int = -1,
+        ddp_gather: bool = True,
     ) -> None:
         super().__init__(
             free_bits,
@@ -420,11 +459,34 @@ class DipVaeLoss(ElboLoss):
         self.lambda_d = lambda_d
         self.lambda_start_epoch = lambda_start_epoch
         self.lambda_annealing_epochs = lambda_annealing_epochs
+        self.ddp_gather = bool(ddp_gather)
 
     def lambdas(self, epoch: float) -> tuple[float, float]:
         """(λ_od, λ_d) at the fractional `epoch`."""
         ramp = linear_ramp(epoch, self.lambda_start_epoch, self.lambda_annealing_epochs)
         return self.lambda_od * ramp, self.lambda_d * ramp
+
+    def gathers(self) -> bool:
+        """Whether this evaluation takes its batch statistics over every rank's batch.
+
+        The train step runs with gradients on every rank at once; a no-grad pass (validation,
+        the final record) runs on rank 0 alone and must not wait for the others: it scores its
+        own batch. In one process the gather is the identity.
+        """
+        return self.ddp_gather and torch.is_grad_enabled()
+
+    def kl(self, output: VAEOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """GaussianLoss.kl, with the free-bits floor on the global batch's mean KL under torchrun.
+
+        per_dim and batch_mean floor a batch mean, and one rank's slice can sit on the other
+        side of the floor from the whole batch (seed 004's batch_mean at 0.2 nats per dim);
+        the gathered KL gives one process's term and gradient, by the argument in `forward`.
+        """
+        if output.kl is not None or self.free_bits <= 0 or not self.gathers():
+            return super().kl(output)
+        kl_per_dim = gaussian_kl_per_dim(output.mu, output.logvar)
+        kl_raw = kl_per_dim.sum(dim=1).mean()
+        return kl_raw, free_bits_kl(gather_batch(kl_per_dim), self.free_bits, self.free_bits_mode)
 
     def forward(
         self,
@@ -437,7 +499,17 @@ class DipVaeLoss(ElboLoss):
         """The ELBO terms of ElboLoss, plus the covariance penalty at this epoch's λs."""
         terms = super().forward(output, target, mask, beta, epoch)
         lambda_od, lambda_d = self.lambdas(epoch)
-        off_diagonal, diagonal = dip_penalties(dip_covariance(output.mu, output.logvar))
+        mu, logvar = output.mu, output.logvar
+        # Under torchrun, Cov over the global batch of N·B (seed 004), with no rescaling for the
+        # gradient to equal one process's: every rank's penalty P is the same function of the
+        # gathered mu, the gather's backward sums the N ranks' equal gradients dP/dmu_r, so
+        # rank r's encoder receives N · dP/dmu_r, and DDP's average over ranks,
+        # (1/N) Σ_r N · dP/dmu_r · dmu_r/dθ, is dP/dθ. The reconstruction is a mean over each
+        # rank's B samples, which DDP's average turns into the mean over N·B
+        # (tests/test_distributed.py checks the loss and every gradient).
+        if self.gathers():
+            mu, logvar = gather_batch(mu), gather_batch(logvar)
+        off_diagonal, diagonal = dip_penalties(dip_covariance(mu, logvar))
         penalty = lambda_od * off_diagonal + lambda_d * diagonal
         terms.total = terms.total + penalty
         terms.extras = {
@@ -446,6 +518,137 @@ class DipVaeLoss(ElboLoss):
             "lambda_od": penalty.new_tensor(lambda_od),
             "lambda_d": penalty.new_tensor(lambda_d),
             "cov_penalty": penalty,
+        }
+        return terms
+
+
+class SupervisedLatentLoss(DipVaeLoss):
+    """Seed 004's Experiment 3: DIP-VAE-II with latent dimensions tied to known state variables,
+    L = DIP-VAE-II + volume_weight · ||z_vol − log V_gt||² + location_weight · ||z_loc − c_gt||².
+
+    z_vol is latent dimension 0, z_loc dimensions 1 .. len(location_factors) (seed 004's
+    "latent partition": z_vol ∈ R¹ log-volume, z_loc ∈ R³ centroid; its z_shape is not
+    supervised and is left to the other dimensions with the rest). The targets of a batch,
+    (B, 1 + len(location_factors)) in that order, come from the data set's known factors
+    (`targets_from`) and are passed with the batch as `latent_targets`: the loss holds no
+    table of samples and no state, so it cannot be fed the wrong rows by a shuffle.
+
+    The squared errors are taken on the posterior mean, not on the sample z the seed writes:
+    E||z − t||² = ||mu − t||² + Σσ², so regressing the sample would also drive the supervised
+    dimensions' variance to the log-variance floor, against the KL and DIP's Cov_ii → 1; the
+    mean is the state a downstream ODE reads. Seed 004 gives no weights: both terms are
+    unweighted there, so 1.0 each. The targets sit off the N(0, 1) prior (log V ≈ 1-5 in
+    voxels): where the KL term is not flat, its pull μ balances 2 (μ − t) at μ = 2t/3 (β = 1,
+    unit weight), a shrunken z_vol; under seed 004's free-bits floor (0.2 x 128 = 25.6 nats,
+    which the supervised dimensions' few nats do not reach) the KL term is flat and μ reaches t.
+    """
+
+    def __init__(
+        self,
+        volume_factor: str = "lesion_volume",
+        location_factors: tuple[str, ...] | list[str] = ("centroid_d", "centroid_h", "centroid_w"),
+        volume_weight: float = 1.0,
+        location_weight: float = 1.0,
+        lambda_od: float = 10.0,
+        lambda_d: float = 5.0,
+        lambda_start_epoch: float = 20.0,
+        lambda_annealing_epochs: float = 40.0,
+        free_bits: float = 0.0,
+        free_bits_mode: FreeBitsMode = "per_dim",
+        branch_weight: float = 0.0,
+        reduction: Literal["sum", "mean"] = "mean",
+        sigma: float | Literal["learned"] = 1.0,
+        n_channels: int | None = None,
+        channel_axis: int = -1,
+    ) -> None:
+        super().__init__(
+            lambda_od,
+            lambda_d,
+            lambda_start_epoch,
+            lambda_annealing_epochs,
+            free_bits,
+            free_bits_mode,
+            branch_weight,
+            reduction,
+            sigma,
+            n_channels,
+            channel_axis,
+        )
+        for key, value in (("volume_weight", volume_weight), ("location_weight", location_weight)):
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(f"loss.{key} must be ≥ 0, got {value}")
+        self.volume_factor = str(volume_factor)
+        self.location_factors = tuple(str(name) for name in location_factors)
+        self.volume_weight = volume_weight
+        self.location_weight = location_weight
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        """The factors the supervised dimensions 0, 1, ... regress on, in order."""
+        return (self.volume_factor, *self.location_factors)
+
+    def targets_from(
+        self, factors: Mapping[str, object], source: str = "the data set"
+    ) -> torch.Tensor:
+        """(N, 1 + len(location_factors)) float32 targets from a SampleSet's `factors`:
+        log of the volume factor (seed 004: z_vol is the log-volume), then the location
+        factors as they are. DataError when a factor is missing, not finite, or a volume ≤ 0."""
+        missing = [name for name in self.target_names if name not in factors]
+        if missing:
+            raise DataError(
+                f"{source}: loss=supervised_latent needs the factors {', '.join(missing)}; the "
+                f"data set has {', '.join(sorted(factors)) or 'no factors'}"
+            )
+        columns = [torch.as_tensor(factors[n], dtype=torch.float64) for n in self.target_names]
+        volume = columns[0]
+        if not (torch.isfinite(volume).all() and (volume > 0).all()):
+            raise DataError(
+                f"{source}: factor {self.volume_factor}: expected finite volumes > 0 for its "
+                f"log, found {int((~(volume > 0)).sum())} ≤ 0 or NaN"
+            )
+        targets = torch.stack([volume.log(), *columns[1:]], dim=1)
+        if not torch.isfinite(targets).all():
+            names = zip(self.target_names, columns, strict=True)
+            bad = [name for name, column in names if not column.isfinite().all()]
+            raise DataError(f"{source}: factors {', '.join(bad)}: expected finite values")
+        return targets.float()
+
+    def forward(
+        self,
+        output: VAEOutput,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        beta: float,
+        epoch: float = 0.0,
+        latent_targets: torch.Tensor | None = None,
+    ) -> LossTerms:
+        """The DIP-VAE-II terms, plus the supervised squared errors of the batch's targets."""
+        n_targets = len(self.target_names)
+        if latent_targets is None:
+            raise ConfigError(
+                "loss=supervised_latent needs each batch's latent targets (latent_targets, "
+                "from SupervisedLatentLoss.targets_from): this training loop does not pass them"
+            )
+        if latent_targets.shape != (len(output.mu), n_targets):
+            raise DataError(
+                f"latent_targets: expected ({len(output.mu)}, {n_targets}) for "
+                f"{', '.join(self.target_names)}, found {tuple(latent_targets.shape)}"
+            )
+        if output.mu.shape[1] < n_targets:
+            raise ConfigError(
+                f"loss=supervised_latent ties {n_targets} latent dimensions to factors; "
+                f"model.latent_dim is {output.mu.shape[1]}"
+            )
+        terms = super().forward(output, target, mask, beta, epoch)
+        squared = (output.mu[:, :n_targets] - latent_targets.to(output.mu.dtype)) ** 2
+        volume_error = squared[:, 0].mean()  # ||z_vol − log V_gt||², batch mean
+        location_error = squared[:, 1:].sum(dim=1).mean()  # ||z_loc − c_gt||², batch mean
+        penalty = self.volume_weight * volume_error + self.location_weight * location_error
+        terms.total = terms.total + penalty
+        terms.extras |= {
+            "z_vol_mse": volume_error,
+            "z_loc_mse": location_error,
+            "supervised_penalty": penalty,
         }
         return terms
 

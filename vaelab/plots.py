@@ -115,19 +115,21 @@ def threshold_line(
     color: str,
     text_color: str | None = None,
     vertical: bool = False,
+    unit: str = "nats",
     **line_style: object,
 ) -> Line2D:
     """A dashed threshold across `ax` (horizontal, or vertical for a threshold on x), with
-    `label` for the legend and its value written at the line's end ("0.5 nats"), so the
-    number reads without the legend. Returns the line."""
+    `label` for the legend and its value written at the line's end ("0.5 nats", in `unit`;
+    "" for a unitless score), so the number reads without the legend. Returns the line."""
     line_style = {"linestyle": "--", **line_style}
+    value_text = f"{value:g} {unit}".rstrip()
     text_style = {"fontsize": 8, "color": text_color or color}
     if vertical:
         line = ax.axvline(value, color=color, label=label, **line_style)
         ax.text(
             value,
             0.98,
-            f"{value:g} nats ",
+            f"{value_text} ",
             transform=ax.get_xaxis_transform(),
             rotation=90,
             ha="right",
@@ -139,13 +141,72 @@ def threshold_line(
         ax.text(
             0.99,
             value,
-            f"{value:g} nats",
+            value_text,
             transform=ax.get_yaxis_transform(),
             ha="right",
             va="bottom",
             **text_style,
         )
     return line
+
+
+def plot_risk_scores(
+    scores: np.ndarray,
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    normal_label: object = 0,
+    threshold: float | None = None,
+    threshold_name: str = "threshold",
+    title: str = "Risk scores (IsolationForest fitted on the normal class)",
+    bins: int = 40,
+    figsize: tuple[float, float] = (7.0, 4.0),
+) -> Figure:
+    """Histograms of the anomaly scores (seed 003's risk score), one per class on shared bins,
+    the normal class first, with the flagging threshold as a vertical line.
+
+    Counts, not densities: how many of each class fall beyond the threshold is what the
+    figure is read for (its precision and false positives). Without labels, one histogram.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or len(scores) == 0:
+        raise ValueError(f"plot_risk_scores: expected scores (N >= 1,), found {scores.shape}")
+    if labels is not None and len(labels) != len(scores):
+        raise ValueError(
+            f"plot_risk_scores: expected one label per score, found {len(labels)} labels "
+            f"for {len(scores)} scores"
+        )
+    edges = np.histogram_bin_edges(scores, bins=bins)
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    if labels is None:
+        groups = [("all samples", np.ones(len(scores), dtype=bool))]
+    else:
+        labels = np.asarray(labels)
+        others = [c for c in np.unique(labels) if c != normal_label]
+        groups = [(f"{_class_name(normal_label)} (normal)", labels == normal_label)]
+        groups += [(f"{_class_name(c)}", labels == c) for c in others]
+    cmap = matplotlib.colormaps["tab10"]
+    for k, (name, member) in enumerate(groups):
+        if member.any():
+            ax.hist(
+                scores[member],
+                bins=edges,
+                histtype="stepfilled",
+                alpha=0.45,
+                color=cmap(k),
+                edgecolor=cmap(k),
+                label=f"{name} ({int(member.sum())})",
+            )
+    if threshold is not None:
+        threshold_line(
+            ax, threshold, f"{threshold_name} = {threshold:.3g}", "tab:red", vertical=True, unit=""
+        )
+    ax.set_xlabel("anomaly score s(x) (Liu et al. 2008; higher = more anomalous)")
+    ax.set_ylabel("samples (count)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="label" if labels is not None else None, fontsize=8)
+    return _save(fig, path)
 
 
 def _beta_behind(ax: Axes, epochs: np.ndarray, beta: np.ndarray) -> Patch:
@@ -288,6 +349,84 @@ def plot_reconstructions(
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.suptitle("Inputs and reconstructions")
+    return _save(fig, path)
+
+
+# The three central slices of a volume (C, D, H, W), by the axis a slice fixes. Voxel order is
+# taken as NIfTI stores it and nibabel reads it (BraTS: D left-right, H posterior-anterior, W
+# inferior-superior), so the axial slice fixes W, the coronal H, the sagittal D. Each slice is
+# drawn with its second remaining axis pointing up (superior up in coronal and sagittal).
+VOLUME_VIEWS = {"axial": 3, "coronal": 2, "sagittal": 1}
+
+
+def central_slice(volume: np.ndarray, view: str) -> np.ndarray:
+    """The central slice of a (D, H, W) volume in `view`, as imshow draws it (rows = up)."""
+    axis = VOLUME_VIEWS[view] - 1
+    plane = np.take(volume, volume.shape[axis] // 2, axis=axis)
+    return plane.T  # the later remaining axis on the vertical (drawn with origin="lower")
+
+
+def plot_volume_reconstructions(
+    inputs: np.ndarray,
+    recons: np.ndarray,
+    path: str | Path,
+    channel_names: Sequence[str],
+    sample_ids: Sequence[str],
+    ssim: np.ndarray | None = None,
+    psnr: np.ndarray | None = None,
+    panel_inches: float = 1.45,
+) -> Figure:
+    """Central slices of volumes (n, C, D, H, W) against their reconstructions (seed 004).
+
+    One row per volume and modality; for each of the axial, coronal and sagittal views an
+    input panel beside its reconstruction, on the input's own grey scale (its min to max), so
+    a reconstruction that loses contrast shows it. Every panel's title names the subject,
+    modality and view; the reconstruction's also gives the volume and modality's SSIM and
+    PSNR (`ssim`, `psnr`: (n, C), NaN or None where not measured).
+    """
+    inputs, recons = np.asarray(inputs, dtype=np.float64), np.asarray(recons, dtype=np.float64)
+    if inputs.ndim != 5 or inputs.shape != recons.shape:
+        raise ValueError(
+            f"plot_volume_reconstructions: expected inputs and recons of one shape "
+            f"(n, C, D, H, W), found {inputs.shape} and {recons.shape}"
+        )
+    n, c = inputs.shape[:2]
+    names, ids = list(channel_names), [str(i) for i in sample_ids]
+    if len(names) != c or len(ids) != n:
+        raise ValueError(
+            f"plot_volume_reconstructions: expected {c} channel names and {n} sample ids, "
+            f"found {len(names)} and {len(ids)}"
+        )
+    nan = np.full((n, c), np.nan)
+    ssim = nan if ssim is None else np.asarray(ssim, dtype=np.float64)
+    psnr = nan if psnr is None else np.asarray(psnr, dtype=np.float64)
+    views = list(VOLUME_VIEWS)
+    fig = _figure((2 * len(views) * panel_inches, n * c * (panel_inches + 0.25) + 0.5))
+    axes = fig.subplots(n * c, 2 * len(views), squeeze=False)
+    for i in range(n):
+        for k, modality in enumerate(names):
+            row = axes[i * c + k]
+            lo, hi = float(inputs[i, k].min()), float(inputs[i, k].max())
+            quality = (
+                f"SSIM {'n/a' if np.isnan(ssim[i, k]) else f'{ssim[i, k]:.3f}'}, "
+                f"PSNR {'n/a' if np.isnan(psnr[i, k]) else f'{psnr[i, k]:.1f} dB'}"
+            )
+            for v, view in enumerate(views):
+                for j, (kind, volume) in enumerate((("input", inputs), ("recon", recons))):
+                    ax = row[2 * v + j]
+                    ax.imshow(
+                        central_slice(volume[i, k], view),
+                        cmap="gray",
+                        vmin=lo,
+                        vmax=hi if hi > lo else lo + 1.0,
+                        origin="lower",
+                        interpolation="nearest",
+                    )
+                    title = f"{ids[i]} {modality} {view}\n{kind}"
+                    ax.set_title(title + (f", {quality}" if kind == "recon" else ""), fontsize=6)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+    fig.suptitle("Central slices: inputs and reconstructions (z = mu)", fontsize=10)
     return _save(fig, path)
 
 

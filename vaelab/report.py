@@ -4,9 +4,11 @@
 defer it, and `python -m vaelab.evaluate` repeats it on any stored run).
 """
 
+import json
 import logging
 from pathlib import Path
 
+import h5py
 import mlflow
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from vaelab.artifacts import (
     log_artifact_once,
     write_branch_components,
     write_latents,
+    write_risk_scores,
 )
 from vaelab.config import IN_SWEEP_CHOICES
 from vaelab.data.prepare import PreparedData
@@ -28,15 +31,19 @@ from vaelab.diagnostics import (
     importance_weighted_log_px,
 )
 from vaelab.errors import ConfigError
+from vaelab.forest_export import ExportedForest
 from vaelab.loop import Validation
 from vaelab.models.base import GaussianVAE
-from vaelab.probes import probe_latents
+from vaelab.probes import CLASS_SHARE, RiskScores, contamination_setting, probe_latents, score_risk
 from vaelab.tracking import log_batch, log_final
-from vaelab.volume_metrics import volume_reconstruction_metrics
+from vaelab.volume_metrics import volume_reconstruction_metrics, volume_scores
 
 log = logging.getLogger(__name__)
 
 N_RECONSTRUCTIONS = 4  # validation samples drawn against their reconstructions
+# Seed 003's risk model of a run (an IsolationForest read without pickle, vaelab.forest_export)
+# and every sample's risk score beside latents.h5.
+RISK_MODEL, RISK_SCORES = "risk_model.npz", "risk_scores.h5"
 # The run's tag saying where its downstream report (eval/* metrics, figures/*.png) stands:
 # "done", "deferred" (a sweep's trial; vaelab.evaluate.evaluate_trial adds it), or "off".
 EVAL_STATUS_TAG = "eval/status"
@@ -189,8 +196,15 @@ def report_run(
         samples.labels,
         samples.factors,
         seed=seed,
-        normal_label=normal_label,
     )
+    logged = client.get_run(run_id).data  # its config as params, its final/* metrics
+    # The run's own evaluation.contamination; class_share for a run logged before the key.
+    contamination = logged.params.get("evaluation.contamination", CLASS_SHARE)
+    risk = score_risk(
+        mu, data.split, samples.labels, normal_label, contamination_setting(contamination), seed
+    )
+    if risk is not None:
+        metrics |= risk.metrics
     if data.values.ndim == 5 and len(data.indices("val")):  # volumes: seed 004's SSIM and PSNR
         metrics |= volume_reconstruction_metrics(
             model,
@@ -203,7 +217,6 @@ def report_run(
     log_batch(client, run_id, metrics, {EVAL_STATUS_TAG: "done"})
 
     figures = out_dir / "figures"
-    logged = client.get_run(run_id).data  # its config as params, its final/* metrics
     au = logged.metrics.get("final/active_units")
     plots.plot_kl_per_dim(
         kl_per_dim,
@@ -223,6 +236,8 @@ def report_run(
             latent_dim=mu.shape[1],
             **plots.kl_threshold_of(logged.params, logged.tags),
         )
+    if data.values.ndim == 5 and len(data.indices("val")):  # volumes: slices and recon_volumes.h5
+        save_volume_reconstructions(client, run_id, model, data, out_dir, device)
     if data.values.ndim in (2, 3):  # sequences and feature vectors; volumes have no line plot
         index = data.indices("val")[:N_RECONSTRUCTIONS]
         model.eval()
@@ -243,8 +258,116 @@ def report_run(
             plots.plot_latent_projection(
                 mu, figures / f"latents_pca_{name}.png", factor=factor, factor_name=name
             )
+    if risk is not None:
+        record_risk(client, run_id, risk, data, out_dir)
     client.log_artifacts(run_id, str(figures), artifact_path="figures")
     # Every eval/* metric is on the run; the log names how many, and lists them at DEBUG.
     log.info("Downstream evaluation of run %s: %d eval/* metrics, figures", run_id, len(metrics))
     log.debug("eval/* of run %s: %s", run_id, ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
     return metrics
+
+
+@torch.no_grad()
+def save_volume_reconstructions(
+    client: mlflow.MlflowClient,
+    run_id: str,
+    model: torch.nn.Module,
+    data: PreparedData,
+    out_dir: Path,
+    device: torch.device,
+    n_volumes: int = N_RECONSTRUCTIONS,
+) -> dict[str, np.ndarray]:
+    """The first `n_volumes` validation volumes beside their reconstructions (eval mode,
+    z = mu), seed 004's saved reconstructions: figures/volume_reconstructions.png (central
+    axial, coronal and sagittal slices per modality, titled with each volume's SSIM and PSNR)
+    and recon_volumes.h5 (`input`, `recon`, `ids`, `channel_names`, `ssim`, `psnr`), logged to
+    the run. The figure goes up with the run's other figures (`report_run`). Returns what the
+    file holds."""
+    index = data.indices("val")[:n_volumes]
+    model.eval()
+    x = data.values[index].to(device)
+    recon = model(x).recon
+    masks = data.masks[index].to(device)
+    ssim, psnr = volume_scores(x, recon, None if bool(masks.all()) else masks)
+    samples = data.sampleset
+    saved = {
+        "input": x.cpu().numpy(),
+        "recon": recon.cpu().numpy(),
+        "ids": samples.ids[index.numpy()],
+        "channel_names": np.asarray(samples.channel_names),
+        "ssim": ssim.cpu().numpy(),
+        "psnr": psnr.cpu().numpy(),
+    }
+    plots.plot_volume_reconstructions(
+        saved["input"],
+        saved["recon"],
+        out_dir / "figures" / "volume_reconstructions.png",
+        channel_names=samples.channel_names,
+        sample_ids=saved["ids"],
+        ssim=saved["ssim"],
+        psnr=saved["psnr"],
+    )
+    path = out_dir / "recon_volumes.h5"
+    partial = path.with_name(path.name + ".tmp")
+    text = h5py.string_dtype()
+    with h5py.File(partial, "w") as f:
+        for name in ("input", "recon", "ssim", "psnr"):
+            # one chunk per volume; gzip: 4 volumes of 4 x 128³ float32 are 134 MB a dataset
+            chunks = (1, *saved[name].shape[1:]) if saved[name].ndim == 5 else None
+            f.create_dataset(name, data=saved[name], chunks=chunks, compression="gzip")
+        for name in ("ids", "channel_names"):
+            f.create_dataset(name, data=[str(v) for v in saved[name]], dtype=text)
+        f.attrs["units"] = "normalised (z-scored per subject and channel), as the model reads them"
+        f.attrs["split"] = "val"
+    partial.replace(path)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:  # at a run's end: bytes kept once
+        log_artifact_once(path)
+    else:  # vaelab.evaluate on a stored run
+        client.log_artifact(run_id, str(path))
+    log.info(
+        "Saved %d validation volumes and their reconstructions: %s, figures/%s",
+        len(index),
+        path.name,
+        "volume_reconstructions.png",
+    )
+    return saved
+
+
+def record_risk(
+    client: mlflow.MlflowClient, run_id: str, risk: RiskScores, data: PreparedData, out_dir: Path
+) -> None:
+    """Seed 003's risk model and scores as the run's artifacts: the forest as risk_model.npz
+    (its arrays and provenance, read without pickle), every sample's score in risk_scores.h5
+    (in latents.h5's order), and figures/risk_scores.png (the test split's scores by class,
+    logged with the other figures)."""
+    provenance = risk.provenance(run_id)
+    ExportedForest.from_sklearn(risk.forest, provenance).save(out_dir / RISK_MODEL)
+    write_risk_scores(
+        out_dir / RISK_SCORES,
+        data.sampleset.ids,
+        data.split,
+        risk.scores,
+        risk.threshold,
+        attrs={"model": RISK_MODEL, "provenance": json.dumps(provenance, sort_keys=True)},
+    )
+    active = mlflow.active_run()
+    for name in (RISK_MODEL, RISK_SCORES):
+        if active is not None and active.info.run_id == run_id:  # at a run's end: bytes kept once
+            log_artifact_once(out_dir / name)
+        else:  # vaelab.evaluate on a stored run
+            client.log_artifact(run_id, str(out_dir / name))
+    test = np.asarray(data.split).astype(str) == "test"
+    labels = data.sampleset.labels
+    fitted = "of the normal class" if risk.normal_label is not None else "(no labels)"
+    share = "none" if risk.contamination is None else f"{risk.contamination:.3g}"
+    plots.plot_risk_scores(
+        risk.scores[test],
+        out_dir / "figures" / "risk_scores.png",
+        labels=None if labels is None else np.asarray(labels)[test],
+        normal_label=risk.normal_label,
+        threshold=risk.threshold,
+        threshold_name=f"threshold (contamination {share})",
+        title=f"Risk scores of the test split; forest fitted on {risk.n_fit} training samples "
+        f"{fitted}",
+    )

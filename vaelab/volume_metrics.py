@@ -231,6 +231,19 @@ def psnr(
     return 10.0 * torch.log10(peak**2 / mse)
 
 
+def volume_scores(
+    x: torch.Tensor, recon: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SSIM, PSNR), each (N, C), of reconstructions of x (N, C, D, H, W), each target volume's
+    own range as L, as `volume_reconstruction_metrics` scores them; SSIM is NaN for volumes
+    with a side shorter than its window."""
+    peak = volume_range(x, mask)
+    scores = psnr(x, recon, peak, mask)
+    if min(x.shape[2:]) < WINDOW_SIZE:
+        return torch.full_like(scores, math.nan), scores
+    return ssim_3d(x, recon, peak, mask), scores
+
+
 @torch.no_grad()
 def volume_reconstruction_metrics(
     model: torch.nn.Module,
