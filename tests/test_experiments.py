@@ -33,12 +33,20 @@ SEARCH_SPACES = {name: search_space(name) for name in EXPERIMENTS}
 TINY = ["trainer.epochs=1", "trainer.patience=null", "trainer.device=cpu"]
 TINY_DATA = {
     "conv_lstm_vitals": ["dataset.n_patients=8", "dataset.hours=0.25", "trainer.batch_size=8"],
+    # its chain from a pretrained run by name: tests/test_finetune.py
+    "conv_lstm_finetune": [
+        "dataset.n_patients=8",
+        "dataset.hours=0.25",
+        "trainer.batch_size=8",
+        "trainer.init_from=null",
+    ],
     "digits": ["trainer.batch_size=128"],  # 1,797 bundled vectors: the set has no size option
     "kmer_mlp": ["trainer.batch_size=32"],  # the real contig: ~218 windows of 2 kb
     "lstm_vitals_baseline": ["dataset.n_patients=24", "dataset.seq_len=48", "trainer.batch_size=8"],
     "mnist1d": ["dataset.n_samples=200", "trainer.batch_size=32"],
     "mri3d_baseline": ["dataset.n_subjects=10", "dataset.size=16", "trainer.batch_size=4"],
     "mri3d_dipvae": ["dataset.n_subjects=10", "dataset.size=16", "trainer.batch_size=4"],
+    "mri3d_supervised": ["dataset.n_subjects=10", "dataset.size=16", "trainer.batch_size=4"],
     "multiscale_vitals": ["dataset.n_patients=24", "dataset.seq_len=300", "trainer.batch_size=8"],
     "quick": ["dataset.n_patients=24", "dataset.seq_len=300", "trainer.batch_size=8"],
     "vqvae_vitals": ["dataset.n_patients=24", "dataset.seq_len=128", "trainer.batch_size=8"],

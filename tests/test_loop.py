@@ -77,6 +77,42 @@ def test_early_stopping_counts_epochs_without_a_better_loss():
     assert not never.should_stop
 
 
+def test_an_improvement_no_larger_than_min_delta_counts_as_none():
+    # Seed 003: min_delta=0.001; here 0.1 so the figures read plainly.
+    stopping = EarlyStopping(patience=2, min_delta=0.1)
+    assert stopping.update(0, 1.0)
+    assert not stopping.update(1, 0.95)  # 0.05 better: not enough
+    assert stopping.best_epoch == 0 and stopping.best_loss == 1.0
+    assert stopping.update(2, 0.85)  # 0.15 better than the best, 1.0: counts, resets patience
+    assert (stopping.best_epoch, stopping.epochs_without_improvement) == (2, 0)
+    assert not stopping.update(3, 0.76) and not stopping.update(4, 0.75)  # 0.09, then 0.10
+    assert stopping.should_stop and stopping.best_epoch == 2
+    # min_delta 0 keeps any decrease an improvement, as before
+    plain = EarlyStopping(patience=1)
+    assert plain.update(0, 1.0) and plain.update(1, 0.9999)
+
+
+def test_min_delta_must_not_be_negative():
+    with pytest.raises(ConfigError, match="trainer.min_delta must be ≥ 0, got -0.1"):
+        settings(min_delta=-0.1)
+
+
+def test_freeze_takes_a_list_of_patterns_or_one():
+    assert settings(freeze="encoder_conv.*").freeze == ["encoder_conv.*"]
+    assert settings(freeze=("a.*", "b")).freeze == ["a.*", "b"]
+    assert settings().freeze == []
+
+
+def test_epoch_batches_with_weights_draw_with_replacement_in_proportion():
+    torch.manual_seed(0)
+    index = torch.arange(10, 14)
+    weights = torch.tensor([0.0, 1.0, 1.0, 2.0])  # sample 10 never, 13 twice as often
+    drawn = torch.cat([b for _ in range(500) for b in epoch_batches(index, 2, weights)])
+    counts = torch.bincount(drawn - 10, minlength=4)
+    assert len(drawn) == 2000 and counts[0] == 0
+    assert counts[3] / counts[1] == pytest.approx(2.0, rel=0.1)
+
+
 @pytest.mark.slow
 def test_a_compiled_train_step_trains_like_the_eager_one():
     # trainer.compile: the same step through torch.compile (inductor compiles C++ on the CPU,

@@ -1,19 +1,22 @@
 """The pieces of the training loop that `vaelab.train` runs inline: the trainer settings, one
-optimiser step, the shuffled batches of an epoch, the validation pass, early stopping and the
-metrics of an epoch.
+optimiser step, the shuffled (or class-balanced) batches of an epoch, frozen parameters, the
+validation pass, early stopping and the metrics of an epoch.
 
 `train_step` is also what `make bench` times, so the benchmark measures the loop's own step.
 """
 
 import dataclasses
+import fnmatch
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import mlflow
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -21,7 +24,7 @@ from vaelab.data.prepare import PreparedData
 from vaelab.data.streaming import take
 from vaelab.diagnostics import Diagnostics, diagnose
 from vaelab.errors import ConfigError, DivergenceError
-from vaelab.losses import LossTerms
+from vaelab.losses import LossTerms, SupervisedLatentLoss
 from vaelab.models.base import VAEOutput
 from vaelab.runtime import PRECISION_CHOICES, Precision
 
@@ -50,9 +53,29 @@ class TrainerSettings:
     # the dtype the train step's forward pass autocasts to. Validation stays in float32.
     precision: str = "auto"
     compile: bool = False  # run the train step's forward and backward through torch.compile
+    # An improvement of the validation loss (at the final weights) counts for early stopping and
+    # the best checkpoint only when it exceeds this, in the loss's own units (seed 003: 0.001).
+    min_delta: float = 0.0
+    # The weights the model starts from (vaelab.artifacts.load_initial_weights): None (fresh),
+    # a checkpoint path (.pt of vaelab.artifacts.Checkpoints), an MLflow run id (its best
+    # checkpoint), or "run_name:<name>" (the newest FINISHED run of that name in the store).
+    init_from: str | None = None
+    # The command that records the init_from run, quoted when the run is not there (a
+    # fine-tuning experiment names its pre-training command here).
+    init_from_command: str | None = None
+    # fnmatch patterns over model.named_parameters() names ("encoder_conv.*"): the matching
+    # parameters are not trained, and the modules they fill stay in eval mode (see `freeze`).
+    freeze: Sequence[str] = field(default_factory=list)
+    # true: each epoch's batches are drawn with replacement, a sample's chance ∝ 1 / the count
+    # of its class in the training split, so every class comes out equally often (seed 003's
+    # WeightedRandomSampler). The data set must have labels.
+    class_weighted_sampling: bool = False
 
     def __post_init__(self) -> None:
         self.precision = str(self.precision)  # YAML reads `precision: 32` as an int
+        # A ListConfig from Hydra; `trainer.freeze=encoder_conv.*` gives one pattern as a str.
+        patterns = [self.freeze] if isinstance(self.freeze, str) else self.freeze
+        self.freeze = [str(pattern) for pattern in patterns]
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(
                 f"trainer.precision={self.precision}: expected one of "
@@ -74,6 +97,13 @@ class TrainerSettings:
             raise ConfigError(
                 f"trainer.min_steps_per_epoch must be ≥ 1, got {self.min_steps_per_epoch}"
             )
+        if not self.min_delta >= 0.0:  # also refuses NaN
+            raise ConfigError(f"trainer.min_delta must be ≥ 0, got {self.min_delta}")
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError(
+                "trainer.init_from is empty: give null, a checkpoint path, an MLflow run id "
+                "or run_name:<name>"
+            )
 
     def batch_size_for(self, n_train: int) -> int:
         """The batch size this training split trains with: trainer.batch_size, or less, so that
@@ -94,13 +124,22 @@ class TrainerSettings:
         return capped
 
 
-def epoch_batches(train_index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def epoch_batches(
+    train_index: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """The training split shuffled into full batches (the global torch generator shuffles).
 
     A last batch of a single sample would break BatchNorm, so the remainder of the shuffle is
     left out: it is drawn again in the next epoch's. A split smaller than one batch is one batch.
+    With `weights` (one per entry of train_index, `class_balanced_weights`), the epoch is as
+    many draws with replacement instead, each sample's chance ∝ its weight, as torch's
+    WeightedRandomSampler draws (seed 003), from the same global generator.
     """
-    order = train_index[torch.randperm(len(train_index), device=train_index.device)]
+    if weights is None:
+        drawn = torch.randperm(len(train_index), device=train_index.device)
+    else:
+        drawn = torch.multinomial(weights, len(train_index), replacement=True)
+    order = train_index[drawn]
     n_batches = max(len(order) // batch_size, 1)
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
 
@@ -110,9 +149,117 @@ def progress_bar(batches: Iterable[Any], epoch: int) -> Iterator[Any]:
     return iter(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty()))
 
 
+# torch.multinomial draws from at most 2**24 categories (WeightedRandomSampler's limit too).
+MAX_WEIGHTED_SAMPLES = 2**24
+
+
+def class_balanced_weights(data: PreparedData) -> torch.Tensor:
+    """One weight per training sample (in data.indices("train") order), 1 / the count of its
+    class in the training split, for `epoch_batches`: each class is then drawn with the same
+    probability, uniformly within it. On seed 003's Healthy/Unhealthy 70/30 split these are
+    its class weights 0.6 and 1.4 up to a common factor (1/0.7 : 1/0.3 = 0.6 : 1.4).
+
+    A data set without labels is a ConfigError: there is nothing to balance.
+    """
+    labels = data.sampleset.labels
+    if labels is None:
+        raise ConfigError(
+            f"trainer.class_weighted_sampling=true needs class labels, and "
+            f"{data.sampleset.source or 'the data set'} has none: set it to false or use "
+            "labelled data (vitals_windows: a CSV with a label column, or generated patients)"
+        )
+    train = data.indices("train").numpy()
+    if len(train) > MAX_WEIGHTED_SAMPLES:
+        raise ConfigError(
+            f"trainer.class_weighted_sampling=true draws from at most {MAX_WEIGHTED_SAMPLES} "
+            f"training samples (torch.multinomial), and this split has {len(train)}"
+        )
+    classes, inverse, counts = np.unique(
+        np.asarray(labels)[train], return_inverse=True, return_counts=True
+    )
+    shares = ", ".join(f"{c}: {n}" for c, n in zip(classes.tolist(), counts.tolist(), strict=True))
+    if len(classes) < 2:
+        log.warning("Class-weighted sampling over one class (%s): the draws are uniform", shares)
+    else:
+        log.info("Class-weighted sampling: training samples per class %s, drawn equally", shares)
+    return torch.from_numpy(1.0 / counts[inverse.reshape(-1)]).float()
+
+
+def freeze(model: torch.nn.Module, patterns: Sequence[str]) -> tuple[int, int]:
+    """Stop training the parameters whose names match any of `patterns` (fnmatch over
+    model.named_parameters(), e.g. "encoder_conv.*"); return (frozen, trainable) counts of
+    scalar weights, also logged as MLflow params when a run is active.
+
+    A pattern matching no parameter is a ConfigError listing the model's top-level modules
+    that hold parameters.
+
+    The modules whose parameters are all frozen are kept in eval mode while the rest trains: a
+    frozen BatchNorm would otherwise still move its running mean and variance with every
+    training batch (so its "frozen" output would drift), and a frozen block's dropout would
+    keep perturbing the features the trained layers after it learn from. A forward pre-hook
+    does it, so every loop that calls model.train() (train, bench, a wrapper) keeps it.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        top = ", ".join(dict.fromkeys(name.split(".", 1)[0] for name in names))
+        raise ConfigError(
+            f"trainer.freeze: {unmatched} match no parameter of {type(model).__name__}, whose "
+            f"top-level modules are {top} (patterns match parameter names such as "
+            f"{names[0] if names else '(none)'}; use e.g. '<module>.*')"
+        )
+    for name, parameter in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            parameter.requires_grad_(False)
+    for module in frozen_modules(model):
+        module.register_forward_pre_hook(_stay_in_eval)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if patterns:
+        log.info(
+            "Frozen %d of %d parameters (%d trainable) by trainer.freeze=%s",
+            frozen,
+            frozen + trainable,
+            trainable,
+            list(patterns),
+        )
+    if mlflow.active_run() is not None:
+        mlflow.log_params(
+            {"model.n_frozen_parameters": frozen, "model.n_trainable_parameters": trainable}
+        )
+    return frozen, trainable
+
+
+def frozen_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The largest submodules whose parameters are all frozen (none above them is): each is put
+    in eval mode as a whole, its parameter-free children (ReLU, Dropout) with it."""
+    found: list[torch.nn.Module] = []
+
+    def walk(module: torch.nn.Module) -> None:
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            found.append(module)
+            return
+        for child in module.children():
+            walk(child)
+
+    walk(model)
+    return found
+
+
+def _stay_in_eval(module: torch.nn.Module, _inputs: Any) -> None:
+    """Forward pre-hook of a frozen module: eval mode, whatever model.train() set."""
+    if module.training:
+        module.eval()
+
+
 def trainable_parameters(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list:
-    """What the optimiser updates: the model's parameters and the loss's own (a learned σ)."""
-    return [*model.parameters(), *loss_fn.parameters()]
+    """What the optimiser updates: the model's parameters and the loss's own (a learned σ),
+    leaving out frozen ones (trainer.freeze); a ConfigError when nothing is left."""
+    parameters = [p for p in (*model.parameters(), *loss_fn.parameters()) if p.requires_grad]
+    if not parameters:
+        raise ConfigError("trainer.freeze froze every parameter: nothing is left to train")
+    return parameters
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -197,6 +344,18 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     return torch.compile(model, dynamic=False) if enabled else model
 
 
+def latent_targets(
+    loss_fn: torch.nn.Module, data: PreparedData, device: torch.device
+) -> torch.Tensor | None:
+    """Every sample's targets (N, k) when the loss regresses latent dimensions on the data's
+    known factors (seed 004 Exp3, SupervisedLatentLoss); None for every other loss. The train
+    step and the validation pass index them with the same sample indices as the batches."""
+    if not isinstance(loss_fn, SupervisedLatentLoss):
+        return None
+    samples = data.sampleset
+    return loss_fn.targets_from(samples.factors, samples.source).to(device)
+
+
 def train_step(
     model: torch.nn.Module,
     loss_fn,  # noqa: ANN001 - any vaelab loss: (output, x, mask, beta, epoch) -> LossTerms
@@ -207,15 +366,18 @@ def train_step(
     epoch: float,
     grad_clip: float | None,
     precision: StepPrecision | None = None,
+    targets: torch.Tensor | None = None,
 ) -> LossTerms:
     """One optimiser step: forward, loss at β and the fractional epoch, backward, clip, step.
 
     `precision` (float32 when None) autocasts the forward pass only; the loss sees float32
-    outputs. A loss that is not finite stops the run before the step can spoil the weights:
-    the last good checkpoint stays the last one written.
+    outputs. `targets` are the batch's rows of `latent_targets` for a supervised loss. A loss
+    that is not finite stops the run before the step can spoil the weights: the last good
+    checkpoint stays the last one written.
     """
     precision = precision or StepPrecision()
-    terms = loss_fn(precision.forward(model, x), x, mask, beta, epoch)
+    supervised = {} if targets is None else {"latent_targets": targets}
+    terms = loss_fn(precision.forward(model, x), x, mask, beta, epoch, **supervised)
     if not torch.isfinite(terms.total):
         hint = "Lower trainer.lr or set trainer.grad_clip"
         if precision.precision.name == "16-mixed":
@@ -253,6 +415,7 @@ class Validation:
         self.loss_fn, self.beta_schedule = loss_fn, beta_schedule
         self.batch_size = settings.batch_size
         self.final_weights = (beta_schedule.beta, float(settings.epochs))
+        self.latent_targets = latent_targets(loss_fn, data, values.device)
 
     def __call__(self, epoch: float, split: str = "val", limit: int | None = None) -> Diagnostics:
         """Diagnostics of `split` after `epoch` epochs (its first `limit` samples, if given)."""
@@ -268,6 +431,7 @@ class Validation:
             epoch,
             self.data.sampleset.feature_groups,
             self.final_weights,
+            None if self.latent_targets is None else self.latent_targets[index],
         )
         if not math.isfinite(diagnostics.loss):
             raise DivergenceError(f"{split} loss became {diagnostics.loss} after epoch {epoch:g}")
@@ -290,17 +454,23 @@ class Validation:
 
 
 class EarlyStopping:
-    """Stop when the validation loss at the final weights has not improved for `patience`."""
+    """Stop when the validation loss at the final weights has not improved for `patience`.
 
-    def __init__(self, patience: int | None) -> None:
+    An epoch improves on the best only when its loss is lower by more than `min_delta` (seed
+    003: min_delta=0.001; Keras's EarlyStopping alike); a smaller gain counts as none, and
+    does not make that epoch the best either, so the best checkpoint and the stop agree.
+    """
+
+    def __init__(self, patience: int | None, min_delta: float = 0.0) -> None:
         self.patience = patience
+        self.min_delta = min_delta
         self.best_loss = math.inf
         self.best_epoch = -1
         self.epochs_without_improvement = 0
 
     def update(self, epoch: int, loss: float) -> bool:
         """Record this epoch's loss; True when it is the best so far."""
-        if loss < self.best_loss:
+        if self.best_loss - loss > self.min_delta:
             self.best_loss, self.best_epoch, self.epochs_without_improvement = loss, epoch, 0
             return True
         self.epochs_without_improvement += 1

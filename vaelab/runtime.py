@@ -31,9 +31,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def resolve_device(name: str, worker_slot: int = 0) -> torch.device:
+def resolve_device(name: str, worker_slot: int = 0, local_rank: int | None = None) -> torch.device:
     """`auto` means CUDA when this machine has it (the GPU of this worker's slot when it has
-    several), else the CPU."""
+    several), else the CPU.
+
+    Under torchrun (`local_rank` given, vaelab.distributed.local_rank) each rank takes its own
+    GPU, cuda:LOCAL_RANK, for `auto` and `cuda`; a fixed `cuda:k` would put every rank on one
+    GPU, which NCCL refuses.
+    """
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun started local rank {local_rank} on a host with "
+                f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node ≤ the GPUs"
+            )
+        return torch.device(f"cuda:{local_rank}")
+    if local_rank is not None and name.startswith("cuda:"):
+        raise ConfigError(
+            f"trainer.device={name} under torchrun would put every rank on one GPU; use "
+            "trainer.device=auto (each rank takes cuda:LOCAL_RANK)"
+        )
     if name == "auto":
         gpus = [f"cuda:{k}" for k in range(torch.cuda.device_count())]
         return torch.device(pick_device(gpus, worker_slot))

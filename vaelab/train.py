@@ -2,6 +2,7 @@
 
     python -m vaelab.train experiment=quick
     python -m vaelab.train model=mlp loss.free_bits=0.5 schedule=linear trainer.epochs=30
+    torchrun --standalone --nproc_per_node=2 -m vaelab.train experiment=mri3d_dipvae  # DDP
 
 `train` reads top to bottom, as nanoGPT's train.py does: check the config, seed, data, model,
 the epoch loop with its step loop inline, then the final record. Every other piece is a named
@@ -9,7 +10,10 @@ helper one layer down (vaelab.loop, vaelab.report, vaelab.sweep.trial).
 """
 
 import logging
+import math
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -17,9 +21,11 @@ import mlflow
 import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.artifacts import Checkpoints
+from vaelab import distributed
+from vaelab.artifacts import Checkpoints, load_initial_weights
 from vaelab.config import (
     TRUSTED_TARGETS,
     build,
@@ -35,9 +41,11 @@ from vaelab.loop import (
     StepPrecision,
     Validation,
     add_terms,
+    class_balanced_weights,
     compiled,
     epoch_batches,
     epoch_metrics,
+    freeze,
     log_epoch,
     progress_bar,
     set_lr,
@@ -76,15 +84,22 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
     downstream = downstream_plan(evaluation.downstream, evaluation.in_sweep, is_trial)
     trial = SweepTrial.from_config(cfg)  # None unless a vaelab sweep launched this run
     run_name, tags, parent_run_id = run_identity(cfg, trial, run_dir)
-    with build(cfg.tracking).start_run(run_name, tags, parent_run_id) as run_id:
+    # Under torchrun rank 0 alone records the run; the other ranks train only.
+    records = distributed.is_main()
+    run = build(cfg.tracking).start_run(run_name, tags, parent_run_id)
+    with run if records else nullcontext() as run_id:
         if trial is not None:
             trial.start(run_id, run_dir, run_name)
-        log_config(cfg, run_dir)
+        if records:
+            log_config(cfg, run_dir)
 
         # --- seed, device, threads ---------------------------------------------------------
-        seed_everything(cfg.seed)
+        # Each rank draws its own noise (nanoGPT's seed offset); the data take cfg.seed itself.
+        seed_everything(cfg.seed + distributed.rank())
         settings = build(cfg.trainer)
-        device = resolve_device(settings.device, cfg.optuna_trial.worker_slot)
+        device = resolve_device(
+            settings.device, cfg.optuna_trial.worker_slot, distributed.local_rank()
+        )
         # Autocast covers the train step only: validation, the KL and the AU variance stay
         # float32, so their thresholds (AU at Var(mu) ≥ 0.01) do not move with precision.
         precision = resolve_precision(settings.precision, device)
@@ -102,25 +117,37 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
         log.info("Instantiating model <%s>", cfg.model._target_)
         samples = data.sampleset
         model = build(cfg.model, input_shape=samples.sample_shape).to(device)
+        # trainer.init_from's weights, then trainer.freeze: before the optimiser takes the rest.
+        load_initial_weights(
+            model, settings.init_from, cfg.tracking.uri, settings.init_from_command
+        )
+        freeze(model, settings.freeze)
         channels = dict(n_channels=samples.n_channels, channel_axis=samples.channel_axis)
         loss_fn = build(cfg.loss, **channels).to(device)
         beta_schedule, criteria = build(cfg.schedule), build(cfg.verdict)
         optimizer = settings.optimizer(trainable_parameters(model, loss_fn))
         batch_size = settings.batch_size_for(len(train_index))
-        log_model(model, data, device, threads, batch_size, precision)
-        step_model, step_precision = compiled(model, settings.compile), StepPrecision(precision)
+        balanced = settings.class_weighted_sampling  # draw classes equally (seed 003)
+        sample_weights = class_balanced_weights(data).to(device) if balanced else None
+        if records:
+            log_model(model, data, device, threads, batch_size, precision)
+        ddp_model = distributed.wrap(model, loss_fn, device)  # `model` itself in one process
+        step_model, step_precision = compiled(ddp_model, settings.compile), StepPrecision(precision)
         validate = Validation(model, data, values, masks, loss_fn, beta_schedule, settings)
+        # None, or each sample's known factors for a supervised loss (seed 004 Exp3)
+        targets = validate.latent_targets
         validate.check_objectives(objectives)
         config = OmegaConf.to_container(cfg, resolve=True)
         checkpoints = Checkpoints(run_dir / "checkpoints", data, config)
-        early_stopping, pruned_at = EarlyStopping(settings.patience), None
+        early_stopping, pruned_at = EarlyStopping(settings.patience, settings.min_delta), None
 
         # --- train -------------------------------------------------------------------------
         with checkpoints.kept_on_divergence():
             for epoch in range(settings.epochs):
                 model.train()
                 started = time.perf_counter()
-                batches = epoch_batches(train_index, batch_size)
+                batches = epoch_batches(train_index, batch_size, sample_weights)
+                batches = distributed.shard_batches(batches)  # this rank's slice of each
                 train_sums: dict[str, torch.Tensor] = {}  # summed on the device: no sync a step
                 # (values[b], masks[b]) per batch; a streamed file's are read ahead (workers)
                 reads = EpochReads(values, masks, batches)
@@ -139,9 +166,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
                         progress,
                         settings.grad_clip,
                         step_precision,
+                        None if targets is None else targets[batches[step]],
                     )
                     add_terms(train_sums, terms)
                 train_seconds = time.perf_counter() - started
+                train_sums = distributed.mean_over_ranks(train_sums)  # the global batches'
+                if not records:  # rank 0 alone validates, records and decides to stop
+                    if distributed.stop_from_rank0():
+                        break
+                    continue
 
                 # --- validate, log, checkpoint, stop early or be pruned ----------------------
                 val = validate(epoch + 1)
@@ -158,11 +191,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
                 log_epoch(epoch, metrics)
                 is_best = early_stopping.update(epoch, val.loss_final_weights)
                 checkpoints.save(model, loss_fn, optimizer, epoch, val.loss_final_weights, is_best)
-                if early_stopping.should_stop:
+                if distributed.stop_from_rank0(early_stopping.should_stop):
                     break
                 if trial is not None and trial.should_prune(epoch, metrics):
                     pruned_at = epoch  # its checkpoint and latents are kept, as for any run
                     break
+
+        if not records:
+            return math.nan  # rank 0 records the run and returns its objective
 
         # --- the best epoch's diagnostics, verdict, latents, downstream report ----------------
         final_metrics, verdict = record_final(
@@ -215,15 +251,20 @@ def log_model(
     precision: Precision,
 ) -> None:
     """The model's size, the input it reads, where it runs, the batch and the precision it
-    trains with, as params and a log line."""
+    trains with, and how its KL is computed, as params and a log line."""
     n_parameters = sum(p.numel() for p in model.parameters())
     input_shape = data.sampleset.sample_shape
+    # closed_form against N(0, I); monte_carlo under a mixture prior (vaelab.models.priors):
+    # val/kl is then an estimate. A VQ-VAE has no Gaussian posterior and no prior module.
+    prior = getattr(model, "prior", None)
     mlflow.log_params(
         {
             "model.n_parameters": n_parameters,
+            "kl.estimator": "none" if prior is None else prior.kl_estimator,
             "data.input_shape": str(input_shape),
             "torch.num_threads": threads,
             "trainer.batch_size_used": batch_size,
+            "trainer.world_size": distributed.world_size(),  # processes under torchrun
             "trainer.precision_used": precision.name,
             "trainer.precision_reason": precision.reason,
         }
@@ -243,9 +284,14 @@ def log_model(
 @hydra.main(config_path="../conf", config_name="train", execution_whitelist=TRUSTED_TARGETS)
 @exits_with_one_message
 def main(cfg: DictConfig) -> float | list[float]:
-    """Hydra entry point: one run, or one trial of a sweep."""
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    """Hydra entry point: one run, or one trial of a sweep; under torchrun, one rank of a run."""
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    with distributed.process_group(cfg.trainer.device, in_sweep):
+        # Rank 0's run folder on every rank: Hydra made none for the others.
+        run_dir = distributed.broadcast_object(Path(HydraConfig.get().runtime.output_dir))
+        return train(cfg, run_dir)
 
 
 if __name__ == "__main__":
+    sys.argv += distributed.other_rank_hydra_overrides()  # rank 0 alone writes Hydra's files
     main()
