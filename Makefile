@@ -22,12 +22,14 @@ WORKERS ?= 1
 SERVER_PORT ?= 5050
 SERVER_STORE ?= postgresql+psycopg://postgres@127.0.0.1:5432/vaelab_mlflow
 DASHBOARD_PORT ?= 8080
+# make train-ddp: processes (one GPU each, or CPU processes on gloo).
+NPROC ?= 2
 # make evidence: trials per data set and epochs per trial.
 TRIALS ?= 12
 EPOCHS ?= 20
 
 .DEFAULT_GOAL := help
-.PHONY: help install run train sweep mlflow-server ui dashboard test test-fast bench evidence lint clean-multirun
+.PHONY: help install run train sweep finetune-conv_lstm train-ddp mlflow-server ui dashboard test test-fast bench evidence lint clean-multirun
 
 # One `make train-<name>` and `make sweep-<name>` per file of conf/experiment/, generated below
 # (no copy per experiment). Each experiment file names its own search space
@@ -80,6 +82,17 @@ sweep: $(STAMP) ## An Optuna sweep of EXP over its own search space (or SEARCH=.
 	trap 'kill $$pids 2>/dev/null' INT TERM; status=0; \
 	for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
 
+# Seed 003's two stages: experiment=conv_lstm_finetune starts from the newest finished run named
+# conv_lstm_pretrain (trainer.init_from), which the first command records. ARGS go to both.
+finetune-conv_lstm: $(STAMP) ## Seed 003's two stages: pretrain conv_lstm_vitals (run conv_lstm_pretrain), then fine-tune it with the convs frozen
+	$(BIN)/python -m vaelab.train experiment=conv_lstm_vitals run_name=conv_lstm_pretrain $(ARGS)
+	$(BIN)/python -m vaelab.train experiment=conv_lstm_finetune $(ARGS)
+
+# torchrun starts NPROC ranks of one run (vaelab.distributed): DistributedDataParallel, the
+# global batch trainer.batch_size split across them, rank 0 alone writing the run.
+train-ddp: $(STAMP) ## One run of EXP on NPROC processes with DDP (torchrun; GPUs, or CPU on gloo): make train-ddp NPROC=2 EXP=mri3d_dipvae
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m vaelab.train experiment=$(EXP) $(ARGS)
+
 mlflow-server: $(STAMP) ## MLflow tracking server for many workers on http://127.0.0.1:5050 (SERVER_PORT=...), PostgreSQL store SERVER_STORE=..., artifacts under $(OUT)/mlartifacts
 	$(BIN)/python -m vaelab.server --backend-store-uri '$(SERVER_STORE)' --artifacts-destination $(OUT)/mlartifacts --port $(SERVER_PORT)
 
@@ -95,9 +108,9 @@ dashboard: $(STAMP) ## Optuna dashboard on http://127.0.0.1:8080 for a study: ma
 	$(BIN)/python -m vaelab.dashboard $(OUT)/optuna/$(STUDY).journal --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 # Two pytest processes (one per core here), each taking whole test files, so a file's
-# fixtures (a tiny sweep, a tracking server) start once: the suite takes ~7 min, not ~10.
+# fixtures (a tiny sweep, a tracking server) start once. The 15 slowest tests are listed last.
 test: $(STAMP) lint ## Install, then the lint checks and the whole test suite
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP) ## Run only the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
