@@ -14,6 +14,9 @@ from vaelab.errors import DataError
 from vaelab.export import export_seed000
 from vaelab.train import train
 
+# Tiny models: one thread each (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 

@@ -27,6 +27,9 @@ from vaelab.probes import (
 )
 from vaelab.report import RISK_MODEL, RISK_SCORES, record_risk
 
+# Tiny models: one thread each (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def risk_data(shift: float, n_train=(400, 40), n_test=(1000, 100), dim: int = 4, seed: int = 0):
     """Class 0 ~ N(0, I), class 1 ~ N(shift, I) in `dim` dimensions; mu, split, labels."""

@@ -18,6 +18,9 @@ from vaelab.models.base import VAEOutput
 from vaelab.models.conv3d import Conv3DVAE
 from vaelab.schedules import ConstantBeta
 
+# Tiny models: one thread each (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ("lesion_volume", "centroid_d", "centroid_h", "centroid_w")
 STEPS = 150  # optimiser steps of batches of 8 generated 16³ volumes
 
