@@ -56,6 +56,16 @@ def test_step_speed_measures_the_experiments_own_shape(tmp_path):
     assert figures["flops"] >= 4 * weights * figures["batch"]
 
 
+def test_a_supervised_experiments_step_gets_its_batchs_targets(tmp_path):
+    # make bench steps every experiment: seed 004 Exp3's loss needs the batch's known factors.
+    overrides = ("dataset.size=16", "model.base_channels=4", "model.latent_dim=8")
+    parts = bench.Parts(bench.compose_experiment("mri3d_supervised", tmp_path, overrides))
+    assert parts.targets is not None and parts.targets.shape == (len(parts.data.values), 4)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    parts.step(torch.arange(4), epoch=0.0)
+    assert any(not torch.equal(a, p) for a, p in zip(before, parts.model.parameters(), strict=True))
+
+
 def test_the_bench_covers_every_experiment_file():
     files = sorted(p.stem for p in (bench.CONF_DIR / "experiment").glob("*.yaml"))
     assert bench.EXPERIMENTS == files and bench.SEED000 in files

@@ -35,7 +35,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vaelab.config import build
 from vaelab.data.prepare import PreparedData, prepare
-from vaelab.loop import StepPrecision, TrainerSettings, compiled, epoch_batches, train_step
+from vaelab.loop import (
+    StepPrecision,
+    TrainerSettings,
+    compiled,
+    epoch_batches,
+    latent_targets,
+    train_step,
+)
 from vaelab.runtime import cpu_model, native_bf16, resolve_precision
 from vaelab.train import train
 
@@ -181,6 +188,8 @@ class Parts:
         self.precision = resolve_precision(self.settings.precision, torch.device("cpu"))
         self.step_precision = StepPrecision(self.precision)
         self.step_model = compiled(self.model, self.settings.compile)
+        # a supervised loss's known factors, one row per sample (seed 004 Exp3); else None
+        self.targets = latent_targets(self.loss_fn, self.data, torch.device("cpu"))
 
     def step(self, batch: torch.Tensor, epoch: float) -> None:
         """One vaelab.loop.train_step on these samples at this fractional epoch."""
@@ -196,6 +205,7 @@ class Parts:
             epoch,
             self.settings.grad_clip,
             self.step_precision,
+            None if self.targets is None else self.targets[batch],
         )
 
 
