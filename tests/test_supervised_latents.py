@@ -11,6 +11,7 @@ import torch
 from vaelab.config import build
 from vaelab.data.prepare import prepare
 from vaelab.data.volumes import load_volumes
+from vaelab.diagnostics import supervised_correlations
 from vaelab.errors import ConfigError, DataError
 from vaelab.loop import TrainerSettings, Validation, train_step
 from vaelab.losses import DipVaeLoss, SupervisedLatentLoss
@@ -196,3 +197,15 @@ def test_validation_scores_each_sample_against_its_own_targets():
         ).latent_targets
         is None
     )
+
+
+def test_supervised_correlations_are_pearsons_r_on_the_held_out_samples():
+    # Dimension 0 a linear function of its target (r = 1), dimension 1 its negative (r = -1);
+    # the rows outside `index` are scrambled and must not count.
+    targets = torch.tensor([[1.0, 5.0], [2.0, 3.0], [4.0, 0.0], [7.0, -2.0], [9.0, 9.0]])
+    mu = torch.stack([3 * targets[:, 0] + 1, -0.5 * targets[:, 1], torch.zeros(5)], dim=1)
+    mu[4] = torch.tensor([-50.0, 50.0, 0.0])
+    r = supervised_correlations(mu, targets, torch.tensor([0, 1, 2, 3]), ["volume", "centroid"])
+    assert r["final/supervised_r/volume"] == pytest.approx(1.0)
+    assert r["final/supervised_r/centroid"] == pytest.approx(-1.0)
+    assert supervised_correlations(mu, targets, torch.tensor([0, 1]), ["volume"]) == {}

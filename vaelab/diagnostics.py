@@ -14,6 +14,7 @@ are logged (`mi`, `kl_marginal`), and a sweep's constraints ask for information,
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -480,6 +481,24 @@ def diagnose(
         kl_floor=expected_kl_floor(loss_fn, model.latent_dim),
         prior_moments=prior_moments(model),
     )
+
+
+def supervised_correlations(
+    mu: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, names: Sequence[str]
+) -> dict[str, float]:
+    """Pearson r of each supervised latent dimension k with its target k over the samples
+    `index` (the held-out test split): does z_vol follow log V on subjects the loss never saw
+    (seed 004 Exp3)? `final/supervised_r/<factor>`; empty below 3 samples, where r says nothing.
+    """
+    if len(index) < 3:
+        return {}
+    index = index.cpu()
+    codes, wanted = mu[index, : len(names)].double(), targets[index].double()
+    codes, wanted = codes - codes.mean(dim=0), wanted - wanted.mean(dim=0)
+    scale = (codes.norm(dim=0) * wanted.norm(dim=0)).clamp(min=1e-12)
+    r = (codes * wanted).sum(dim=0) / scale
+    pairs = zip(names, r.tolist(), strict=True)
+    return {f"final/supervised_r/{name}": value for name, value in pairs}
 
 
 def prior_moments(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -29,6 +29,7 @@ from vaelab.diagnostics import (
     Diagnostics,
     eval_batch_size,
     importance_weighted_log_px,
+    supervised_correlations,
 )
 from vaelab.errors import ConfigError
 from vaelab.forest_export import ExportedForest
@@ -115,6 +116,12 @@ def record_final(
     mu, logvar = encode_all(model, validate.values, batch_size, device)
     write_latents(run_dir / "latents.h5", mu, logvar, data.sampleset.ids, split=data.split)
     log_artifact_once(run_dir / "latents.h5")
+    if validate.latent_targets is not None:  # seed 004 Exp3: do z_vol, z_loc follow their factors?
+        names = validate.loss_fn.target_names
+        held_out = data.indices("test")
+        correlations = supervised_correlations(mu, validate.latent_targets.cpu(), held_out, names)
+        mlflow.log_metrics(correlations)
+        final_metrics |= correlations
     if downstream == "inline":  # are the latents useful? (seed 000 step 3, seed 003)
         report_run(
             mlflow.MlflowClient(),
