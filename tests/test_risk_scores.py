@@ -26,6 +26,7 @@ from vaelab.probes import (
     score_risk,
 )
 from vaelab.report import RISK_MODEL, RISK_SCORES, record_risk
+from vaelab.train import train
 
 # Tiny models: one thread each (tests/conftest.py says why).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,6 +161,14 @@ def test_too_few_normal_training_samples_skip_with_a_reason(caplog):
 def test_a_bad_contamination_names_the_key(value):
     with pytest.raises(ConfigError, match=r"evaluation.contamination must be class_share"):
         contamination_setting(value)
+
+
+def test_a_run_with_a_bad_contamination_stops_before_training(compose_config, tiny, tmp_path):
+    # Checked at the start, not in the end-of-run report after a whole run's training.
+    cfg = compose_config([*tiny.mlp_run, "evaluation.contamination=0.7"])
+    with pytest.raises(ConfigError, match="evaluation.contamination must be class_share"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_contamination_reads_a_config_value_or_its_logged_text():

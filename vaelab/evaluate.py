@@ -26,6 +26,7 @@ from vaelab.config import TRUSTED_TARGETS, build, exits_with_one_message, requir
 from vaelab.data.prepare import prepare
 from vaelab.errors import ConfigError, DataError
 from vaelab.losses import gaussian_kl_per_dim
+from vaelab.probes import CLASS_SHARE, contamination_setting
 from vaelab.report import report_run
 from vaelab.runtime import resolve_device
 from vaelab.tracking import download_checkpoint, download_run_artifact
@@ -45,7 +46,15 @@ def evaluate_run(cfg: DictConfig) -> dict[str, float]:
         loaded = load_checkpoint(checkpoint, device, origin=origin)
         latents = download_run_artifact(cfg.run_id, cfg.tracking.uri, "latents.h5", tmp_dir)
         return report_stored(
-            client, cfg.run_id, loaded, latents, tmp_dir, device, cfg.normal_label, origin
+            client,
+            cfg.run_id,
+            loaded,
+            latents,
+            tmp_dir,
+            device,
+            cfg.normal_label,
+            contamination_setting(cfg.contamination),
+            origin,
         )
 
 
@@ -75,9 +84,19 @@ def evaluate_trial(run_dir: str | Path, mlflow_run_id: str | None = None) -> dic
     tracking_uri = loaded.config["tracking"]["uri"]
     client = mlflow.MlflowClient(tracking_uri)
     run_id = mlflow_run_id or run_of_folder(client, run_dir, tracking_uri)
-    normal_label = loaded.config["evaluation"]["normal_label"]  # as the run itself would
+    evaluation = loaded.config["evaluation"]  # the anomaly detector as the run itself would
+    # fit it; class_share (the default) for a run saved before evaluation.contamination
+    contamination = contamination_setting(evaluation.get("contamination", CLASS_SHARE))
     return report_stored(
-        client, run_id, loaded, latents, run_dir, device, normal_label, str(run_dir)
+        client,
+        run_id,
+        loaded,
+        latents,
+        run_dir,
+        device,
+        evaluation["normal_label"],
+        contamination,
+        str(run_dir),
     )
 
 
@@ -100,6 +119,7 @@ def report_stored(
     out_dir: Path,
     device: torch.device,
     normal_label: object,
+    contamination: float | str,
     origin: str,
 ) -> dict[str, float]:
     """report_run on a stored run: its data rebuilt from the saved config, its latents.h5, and
@@ -130,6 +150,7 @@ def report_stored(
         device,
         int(saved.seed),
         normal_label,
+        contamination,
     )
 
 

@@ -35,7 +35,7 @@ from vaelab.errors import ConfigError
 from vaelab.forest_export import ExportedForest
 from vaelab.loop import Validation
 from vaelab.models.base import GaussianVAE
-from vaelab.probes import CLASS_SHARE, RiskScores, contamination_setting, probe_latents, score_risk
+from vaelab.probes import CLASS_SHARE, RiskScores, probe_latents, score_risk
 from vaelab.tracking import log_batch, log_final
 from vaelab.volume_metrics import volume_reconstruction_metrics, volume_scores
 
@@ -74,6 +74,7 @@ def record_final(
     iwae_samples: int,
     downstream: str,
     normal_label: object,
+    contamination: float | str,
     seed: int,
 ) -> tuple[dict[str, float], dict[str, object]]:
     """The best epoch's final/* metrics, the held-out log p(x), the verdict and the run's
@@ -134,6 +135,7 @@ def record_final(
             device,
             seed,
             normal_label,
+            contamination,
         )
     elif downstream == "deferred":
         log.info(
@@ -193,8 +195,13 @@ def report_run(
     device: torch.device,
     seed: int,
     normal_label: object = 0,
+    contamination: float | str = CLASS_SHARE,
 ) -> dict[str, float]:
-    """Log `eval/*` metrics and `figures/*.png` of a trained model to its run; return them."""
+    """Log `eval/*` metrics and `figures/*.png` of a trained model to its run; return them.
+
+    `normal_label` and `contamination` (checked by probes.contamination_setting) set seed 003's
+    anomaly detector: the class it is fitted on, and the share of samples it flags.
+    """
     samples = data.sampleset
     metrics = probe_latents(
         mu,
@@ -204,12 +211,7 @@ def report_run(
         samples.factors,
         seed=seed,
     )
-    logged = client.get_run(run_id).data  # its config as params, its final/* metrics
-    # The run's own evaluation.contamination; class_share for a run logged before the key.
-    contamination = logged.params.get("evaluation.contamination", CLASS_SHARE)
-    risk = score_risk(
-        mu, data.split, samples.labels, normal_label, contamination_setting(contamination), seed
-    )
+    risk = score_risk(mu, data.split, samples.labels, normal_label, contamination, seed)
     if risk is not None:
         metrics |= risk.metrics
     if data.values.ndim == 5 and len(data.indices("val")):  # volumes: seed 004's SSIM and PSNR
@@ -224,6 +226,7 @@ def report_run(
     log_batch(client, run_id, metrics, {EVAL_STATUS_TAG: "done"})
 
     figures = out_dir / "figures"
+    logged = client.get_run(run_id).data  # its config as params, its final/* metrics
     au = logged.metrics.get("final/active_units")
     plots.plot_kl_per_dim(
         kl_per_dim,

@@ -52,6 +52,7 @@ from vaelab.loop import (
     train_step,
     trainable_parameters,
 )
+from vaelab.probes import contamination_setting
 from vaelab.report import downstream_plan, record_final
 from vaelab.runtime import (
     Precision,
@@ -82,6 +83,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
     evaluation = cfg.evaluation
     is_trial = cfg.optuna_trial.number is not None
     downstream = downstream_plan(evaluation.downstream, evaluation.in_sweep, is_trial)
+    contamination = contamination_setting(evaluation.contamination)  # checked before training
     trial = SweepTrial.from_config(cfg)  # None unless a vaelab sweep launched this run
     run_name, tags, parent_run_id = run_identity(cfg, trial, run_dir)
     # Under torchrun rank 0 alone records the run; the other ranks train only.
@@ -213,6 +215,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float | list[float]:
             evaluation.iwae_samples,
             downstream,
             evaluation.normal_label,
+            contamination,
             cfg.seed,
         )
         results = [final_metrics[name.replace("val/", "final/", 1)] for name in objectives]
