@@ -277,6 +277,17 @@ def report_run(
     return metrics
 
 
+def log_run_file(client: mlflow.MlflowClient, run_id: str, path: Path) -> None:
+    """A file of the downstream report, logged to its run: at the end of the run itself (the
+    active run) with its bytes kept once (artifacts.log_artifact_once); for `vaelab.evaluate`
+    on a stored run, through the client."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        log_artifact_once(path)
+    else:
+        client.log_artifact(run_id, str(path))
+
+
 @torch.no_grad()
 def save_volume_reconstructions(
     client: mlflow.MlflowClient,
@@ -330,11 +341,7 @@ def save_volume_reconstructions(
         f.attrs["units"] = "normalised (z-scored per subject and channel), as the model reads them"
         f.attrs["split"] = "val"
     partial.replace(path)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:  # at a run's end: bytes kept once
-        log_artifact_once(path)
-    else:  # vaelab.evaluate on a stored run
-        client.log_artifact(run_id, str(path))
+    log_run_file(client, run_id, path)
     log.info(
         "Saved %d validation volumes and their reconstructions: %s, figures/%s",
         len(index),
@@ -361,12 +368,8 @@ def record_risk(
         risk.threshold,
         attrs={"model": RISK_MODEL, "provenance": json.dumps(provenance, sort_keys=True)},
     )
-    active = mlflow.active_run()
     for name in (RISK_MODEL, RISK_SCORES):
-        if active is not None and active.info.run_id == run_id:  # at a run's end: bytes kept once
-            log_artifact_once(out_dir / name)
-        else:  # vaelab.evaluate on a stored run
-            client.log_artifact(run_id, str(out_dir / name))
+        log_run_file(client, run_id, out_dir / name)
     test = np.asarray(data.split).astype(str) == "test"
     labels = data.sampleset.labels
     fitted = "of the normal class" if risk.normal_label is not None else "(no labels)"
